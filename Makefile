@@ -1,0 +1,41 @@
+# sbora-serve build. cgo compiles ggml (through ollama's Go packages) and, for
+# tests, llama.cpp; the flags below make that fast and reproducible.
+
+GO ?= go
+# Explicit ISA level: -march=native fails to link on AMX CPUs, and ggml's
+# default build has no AVX (4-6x slower matmuls).
+ARCH_FLAGS ?= -O3 -march=x86-64-v3
+OLLAMA_DIR := $(shell $(GO) mod download github.com/ollama/ollama >/dev/null 2>&1; $(GO) list -m -f '{{.Dir}}' github.com/ollama/ollama)
+
+export CGO_ENABLED := 1
+export CGO_CFLAGS := $(ARCH_FLAGS)
+export CGO_CXXFLAGS := $(ARCH_FLAGS)
+# ggml headers for internal/ggmlx; llama.cpp headers and a miniaudio stand-in
+# for the test oracle (llama/oracle).
+export CGO_CPPFLAGS := -I$(OLLAMA_DIR)/ml/backend/ggml/ggml/include -I$(OLLAMA_DIR)/llama/llama.cpp/include -I$(CURDIR)/llama/oracle/include
+
+TEST_TIMEOUT ?= 40m
+PKGS := ./...
+
+.PHONY: all build test vet fmt-check bench clean
+
+all: build
+
+build:
+	$(GO) build -o bin/sbora-serve ./cmd/sbora-serve
+
+vet:
+	$(GO) vet $(PKGS)
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+test: fmt-check vet build
+	$(GO) test -timeout $(TEST_TIMEOUT) $(PKGS)
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 20x ./kernels
+
+clean:
+	rm -rf bin

@@ -1,0 +1,41 @@
+// Package testutil finds the shared test assets and quiets the engine's logs.
+package testutil
+
+import (
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// Shared returns the path of name inside the workplace's shared directory
+// (../shared next to the repository root), failing the test if absent: the
+// models and datasets there exist in CI.
+func Shared(t testing.TB, name string) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			break
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatal("testutil: repository root not found")
+		}
+		dir = parent
+	}
+	p := filepath.Join(filepath.Dir(dir), "shared", name)
+	if _, err := os.Stat(p); err != nil {
+		t.Fatalf("testutil: shared asset missing: %v", err)
+	}
+	return p
+}
+
+// Quiet raises the default log level so ggml's and llama.cpp's info lines
+// do not drown test output. Call it from TestMain.
+func Quiet() {
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+}

@@ -1,0 +1,243 @@
+package llama
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"runtime"
+	"sync"
+
+	"github.com/ollama/ollama/fs"
+	"github.com/ollama/ollama/ml"
+	_ "github.com/ollama/ollama/ml/backend/ggml" // registers the ggml backend
+	"github.com/ollama/ollama/ml/nn"
+	"github.com/ollama/ollama/ml/nn/rope"
+	"github.com/ollama/ollama/model"
+	"github.com/ollama/ollama/model/input"
+	"github.com/ollama/ollama/tokenizer"
+
+	"github.com/sbora-serve/sbora-serve/adapters"
+	"github.com/sbora-serve/sbora-serve/internal/gguf"
+	"github.com/sbora-serve/sbora-serve/kernels"
+)
+
+// Model is a LLaMA-architecture model whose weights live in a ggml backend.
+// Field tags name the GGUF tensors, as in ollama's model definitions.
+type Model struct {
+	model.Base
+
+	TokenEmbedding *nn.Embedding `gguf:"token_embd"`
+	Layers         []Layer       `gguf:"blk"`
+	OutputNorm     *nn.RMSNorm   `gguf:"output_norm"`
+	Output         *nn.Linear    `gguf:"output,alt:token_embd"`
+
+	Params    Config
+	Tokenizer tokenizer.Tokenizer
+	// AdapterBase describes the model's weights for adapter validation.
+	AdapterBase *adapters.Base
+	// Path is the GGUF the model was loaded from.
+	Path string
+	// Threads is the CPU thread count of the backend.
+	Threads int
+}
+
+// Layer is one transformer block.
+type Layer struct {
+	AttentionNorm *nn.RMSNorm `gguf:"attn_norm"`
+	Attention     *Attention
+	MLPNorm       *nn.RMSNorm `gguf:"ffn_norm"`
+	MLP           *MLP
+}
+
+// Attention holds the attention projections and optional llama3 rope factors.
+type Attention struct {
+	Query       *nn.Linear `gguf:"attn_q"`
+	Key         *nn.Linear `gguf:"attn_k"`
+	Value       *nn.Linear `gguf:"attn_v"`
+	Output      *nn.Linear `gguf:"attn_output"`
+	RopeFactors ml.Tensor  `gguf:"rope_freqs.weight"`
+}
+
+// MLP is the SwiGLU feed-forward block.
+type MLP struct {
+	Gate *nn.Linear `gguf:"ffn_gate"`
+	Up   *nn.Linear `gguf:"ffn_up"`
+	Down *nn.Linear `gguf:"ffn_down"`
+}
+
+// Forward satisfies ollama's model.Model; sbora-serve drives the model
+// through Engine and the trainer instead.
+func (m *Model) Forward(ml.Context, input.Batch) (ml.Tensor, error) {
+	return nil, errors.New("llama: use Engine.Step")
+}
+
+var registerOnce sync.Once
+
+// newForRegistry is the constructor registered with ollama's model package,
+// which then fills the tagged weights from the backend.
+func newForRegistry(c fs.Config) (model.Model, error) {
+	cfg, err := configFrom(c)
+	if err != nil {
+		return nil, err
+	}
+	tok, err := NewTokenizer(c)
+	if err != nil {
+		return nil, err
+	}
+	return &Model{Layers: make([]Layer, cfg.Layers), Params: cfg, Tokenizer: tok}, nil
+}
+
+// LoadOptions configure Load.
+type LoadOptions struct {
+	// Threads for CPU compute; 0 means the number of cores.
+	Threads int
+	// Progress receives the fraction of weights loaded.
+	Progress func(float32)
+}
+
+// Load opens a LLaMA GGUF, builds the model and reads its weights.
+func Load(path string, opts LoadOptions) (*Model, error) {
+	registerOnce.Do(func() { model.Register("llama", newForRegistry) })
+	f, err := gguf.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	arch, _ := f.KV.String("general.architecture")
+	shapes := make([]adapters.TensorShape, 0, len(f.Tensors))
+	for _, t := range f.Tensors {
+		shapes = append(shapes, adapters.TensorShape{Name: t.Name, Shape: t.Shape})
+	}
+	f.Close()
+	if arch != "llama" {
+		return nil, fmt.Errorf("%s: unsupported architecture %q: sbora-serve runs llama-architecture GGUFs", path, arch)
+	}
+	threads := opts.Threads
+	if threads <= 0 {
+		threads = runtime.NumCPU()
+	}
+	mm, err := newModel(path, ml.BackendParams{AllocMemory: true, NumThreads: threads, FlashAttention: ml.FlashAttentionEnabled})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	m, ok := mm.(*Model)
+	if !ok {
+		return nil, fmt.Errorf("%s: architecture is not handled by sbora-serve's llama model", path)
+	}
+	if err := m.validate(); err != nil {
+		m.Backend().Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if err := m.Backend().Load(context.Background(), opts.Progress); err != nil {
+		m.Backend().Close()
+		return nil, fmt.Errorf("%s: loading weights: %w", path, err)
+	}
+	m.Path = path
+	m.Threads = threads
+	m.AdapterBase = adapters.NewBase(arch, m.Params.Layers, shapes)
+	return m, nil
+}
+
+// newModel wraps model.New, which panics (ml.ErrNoMem) when memory runs out.
+func newModel(path string, params ml.BackendParams) (m model.Model, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("creating backend: %v", p)
+		}
+	}()
+	return model.New(path, params)
+}
+
+func (m *Model) validate() error {
+	if m.TokenEmbedding == nil || m.OutputNorm == nil || m.Output == nil {
+		return errors.New("missing token_embd, output_norm or output weights")
+	}
+	if m.Params.VocabSize != m.TokenEmbedding.Weight.Dim(1) {
+		return fmt.Errorf("tokenizer has %d tokens but token_embd has %d rows", m.Params.VocabSize, m.TokenEmbedding.Weight.Dim(1))
+	}
+	for i, l := range m.Layers {
+		if l.AttentionNorm == nil || l.MLPNorm == nil || l.Attention == nil || l.MLP == nil ||
+			l.Attention.Query == nil || l.Attention.Key == nil || l.Attention.Value == nil || l.Attention.Output == nil ||
+			l.MLP.Gate == nil || l.MLP.Up == nil || l.MLP.Down == nil {
+			return fmt.Errorf("layer %d is missing weights", i)
+		}
+		if q := l.Attention.Query.Weight; q.Dim(1) != m.Params.QDim() {
+			return fmt.Errorf("layer %d attn_q has %d outputs, want heads×head_dim = %d", i, q.Dim(1), m.Params.QDim())
+		}
+		if k := l.Attention.Key.Weight; k.Dim(1) != m.Params.KVDim() {
+			return fmt.Errorf("layer %d attn_k has %d outputs, want kv_heads×head_dim = %d", i, k.Dim(1), m.Params.KVDim())
+		}
+	}
+	return nil
+}
+
+// Close frees the model's backend memory.
+func (m *Model) Close() { m.Backend().Close() }
+
+// Projector adds adapter updates to each projection (see kernels.Projector).
+type Projector = kernels.Projector
+
+// Attender computes attention for one layer: q [headDim, heads, T] and
+// k, v [headDim, kvHeads, T] after RoPE; it returns [headDim·heads, T].
+type Attender interface {
+	Attend(ctx ml.Context, layer int, q, k, v ml.Tensor) ml.Tensor
+}
+
+func (m *Model) project(ctx ml.Context, p Projector, lin *nn.Linear, t adapters.Target, x ml.Tensor) ml.Tensor {
+	h := lin.Forward(ctx, x)
+	if p != nil {
+		h = p.Project(ctx, t, x, h)
+	}
+	return h
+}
+
+func (m *Model) rope(ctx ml.Context, x, positions, factors ml.Tensor) ml.Tensor {
+	c := m.Params
+	return nn.RoPE(ctx, x, positions, c.RopeDim, c.RopeBase, c.RopeScale, rope.WithFactors(factors))
+}
+
+// forward runs the transformer over a batch of T tokens and returns the
+// final hidden states of the rows in outputs (all rows when nil), before the
+// output norm: [embedding, len(outputs)].
+func (m *Model) forward(ctx ml.Context, tokens, positions, outputs ml.Tensor, att Attender, p Projector) ml.Tensor {
+	c := m.Params
+	hidden := m.TokenEmbedding.Forward(ctx, tokens)
+	T := tokens.Dim(0)
+	for i := range m.Layers {
+		l := &m.Layers[i]
+		residual := hidden
+		x := l.AttentionNorm.Forward(ctx, hidden, c.Eps)
+		q := m.project(ctx, p, l.Attention.Query, adapters.Target{Layer: i, Module: adapters.Q}, x)
+		k := m.project(ctx, p, l.Attention.Key, adapters.Target{Layer: i, Module: adapters.K}, x)
+		v := m.project(ctx, p, l.Attention.Value, adapters.Target{Layer: i, Module: adapters.V}, x)
+		q = m.rope(ctx, q.Reshape(ctx, c.HeadDim, c.Heads, T), positions, l.Attention.RopeFactors)
+		k = m.rope(ctx, k.Reshape(ctx, c.HeadDim, c.KVHeads, T), positions, l.Attention.RopeFactors)
+		v = v.Reshape(ctx, c.HeadDim, c.KVHeads, T)
+		a := att.Attend(ctx, i, q, k, v)
+		hidden = m.project(ctx, p, l.Attention.Output, adapters.Target{Layer: i, Module: adapters.O}, a)
+		if i == len(m.Layers)-1 && outputs != nil {
+			// Only the requested rows need the last MLP and the output head.
+			hidden = hidden.Rows(ctx, outputs)
+			residual = residual.Rows(ctx, outputs)
+			if p != nil {
+				p = p.Select(ctx, outputs)
+			}
+		}
+		hidden = hidden.Add(ctx, residual)
+		residual = hidden
+		x = l.MLPNorm.Forward(ctx, hidden, c.Eps)
+		gate := m.project(ctx, p, l.MLP.Gate, adapters.Target{Layer: i, Module: adapters.Gate}, x)
+		up := m.project(ctx, p, l.MLP.Up, adapters.Target{Layer: i, Module: adapters.Up}, x)
+		hidden = m.project(ctx, p, l.MLP.Down, adapters.Target{Layer: i, Module: adapters.Down}, gate.SILU(ctx, up))
+		hidden = hidden.Add(ctx, residual)
+	}
+	return hidden
+}
+
+// logits applies the output norm and head: [vocab, rows].
+func (m *Model) logits(ctx ml.Context, hidden ml.Tensor) ml.Tensor {
+	return m.Output.Forward(ctx, m.OutputNorm.Forward(ctx, hidden, m.Params.Eps))
+}
+
+// attentionScale is 1/sqrt(head_dim).
+func (m *Model) attentionScale() float64 { return 1 / math.Sqrt(float64(m.Params.HeadDim)) }
