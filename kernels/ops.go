@@ -27,6 +27,7 @@ type Op struct {
 
 func (o Op) used() int   { return o.IDs.Dim(0) }
 func (o Op) tokens() int { return o.IDs.Dim(1) }
+
 // rankFor clamps the step rank to what the fixed side can hold: an SBoRA
 // module's indices are distinct, so its rank never exceeds limit.
 func rankFor(rank, limit int) int { return min(rank, limit) }
@@ -72,7 +73,7 @@ func (o Op) FB(ctx ml.Context, x, h ml.Tensor) ml.Tensor {
 	nSlots := st.A.Dim(2)
 	a := st.A.View(ctx, 0, st.In, st.A.Stride(1), r, st.A.Stride(2), nSlots)
 	y := a.MulmatID(ctx, x.Reshape(ctx, st.In, 1, T), o.IDs).Mul(ctx, o.Scales) // [r, used, T]
-	idx := o.tokenIndex(ctx, r)                                                      // [r*used, T]
+	idx := o.tokenIndex(ctx, r)                                                 // [r*used, T]
 	h3 := h.Reshape(ctx, 1, st.Out, T)
 	// One adapter at a time: composed adapters may touch the same rows.
 	for k := 0; k < n; k++ {
@@ -93,6 +94,6 @@ func (o Op) LoRA(ctx ml.Context, x, h ml.Tensor) ml.Tensor {
 	a := st.A.View(ctx, 0, st.In, st.A.Stride(1), r, st.A.Stride(2), nSlots)
 	b := st.B.View(ctx, 0, r, st.B.Stride(1), st.Out, st.B.Stride(2), nSlots)
 	y := a.MulmatID(ctx, x.Reshape(ctx, st.In, 1, T), o.IDs) // [r, used, T]
-	z := b.MulmatID(ctx, y, o.IDs).Mul(ctx, o.Scales)         // [out, used, T]
+	z := b.MulmatID(ctx, y, o.IDs).Mul(ctx, o.Scales)        // [out, used, T]
 	return h.Add(ctx, o.sumUsed(ctx, z, st.Out))
 }
