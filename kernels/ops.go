@@ -17,12 +17,11 @@ func (st *stack) tensors() Stack { return Stack{In: st.in, Out: st.out, Idx: st.
 // Op is one adapter application: a stack, the step's rank, and per-token
 // routing (slot ids and scales for `used` adapters per token).
 type Op struct {
-	Stack   Stack
-	Rank    int       // columns of each slot this step uses
-	MaxRank int       // columns each slot has
-	IDs     ml.Tensor // I32 [used, T]
-	IDsRow  ml.Tensor // I32 [used*T]
-	Scales  ml.Tensor // F32 [1, used, T]
+	Stack  Stack
+	Rank   int       // columns of each slot this step uses
+	IDs    ml.Tensor // I32 [used, T]
+	IDsRow ml.Tensor // I32 [used*T]
+	Scales ml.Tensor // F32 [1, used, T]
 }
 
 func (o Op) used() int   { return o.IDs.Dim(0) }

@@ -155,7 +155,7 @@ func (b *Bound) Project(ctx ml.Context, t adapters.Target, x, h ml.Tensor) ml.Te
 		if st == nil {
 			continue
 		}
-		op := Op{Stack: st.tensors(), Rank: v.rank, MaxRank: b.routing.bank.cfg.MaxRank, IDs: v.ids, IDsRow: v.idsRow, Scales: v.scales}
+		op := Op{Stack: st.tensors(), Rank: v.rank, IDs: v.ids, IDsRow: v.idsRow, Scales: v.scales}
 		switch v.variant {
 		case adapters.FA:
 			h = op.FA(ctx, x, h)
