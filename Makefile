@@ -17,12 +17,19 @@ export CGO_CPPFLAGS := -I$(OLLAMA_DIR)/ml/backend/ggml/ggml/include -I$(OLLAMA_D
 TEST_TIMEOUT ?= 40m
 PKGS := ./...
 
-.PHONY: all build test vet fmt-check bench clean
+MODEL ?= $(CURDIR)/../shared/models/stories260K.gguf
+PROMPT ?= Once upon a time
+
+.PHONY: all build run test vet fmt-check bench bench-decode clean
 
 all: build
 
 build:
 	$(GO) build -o bin/sbora-serve ./cmd/sbora-serve
+
+# The main job: a greedy generation with the default model.
+run: build
+	./bin/sbora-serve generate --model $(MODEL) --prompt "$(PROMPT)" --max-tokens 64 --temperature 0
 
 vet:
 	$(GO) vet $(PKGS)
@@ -36,6 +43,10 @@ test: fmt-check vet build
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./kernels
+
+bench-decode:
+	$(GO) run ./bench/decode --model $(MODEL) --tokens 200
+	$(GO) run ./bench/decode --synthetic 7b --layers 2 --tokens 32
 
 clean:
 	rm -rf bin

@@ -15,7 +15,7 @@ func sample(t *testing.T) (*Writer, []byte) {
 	w := NewWriter()
 	values := map[string]any{
 		"general.architecture": "llama",
-		"u8": uint8(7), "i8": int8(-7), "u16": uint16(700), "i16": int16(-700),
+		"u8":                   uint8(7), "i8": int8(-7), "u16": uint16(700), "i16": int16(-700),
 		"u32": uint32(70000), "i32": int32(-70000), "f32": float32(1.5), "b": true,
 		"u64": uint64(1 << 40), "i64": int64(-1 << 40), "f64": 2.25,
 		"strs": []string{"a", "", "ü"}, "ints": []int32{1, -2, 3}, "floats": []float32{0.5},

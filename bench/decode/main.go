@@ -1,0 +1,161 @@
+// Command decode measures decode throughput of sbora-serve's engine against
+// llama.cpp (same model, same threads, same run): single-stream tok/s with
+// and without an adapter, and aggregate tok/s of batched streams.
+//
+//	go run ./bench/decode --model ../shared/models/stories260K.gguf
+//	go run ./bench/decode --synthetic 7b --layers 2     # 7B-shaped Q4_0
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/sbora-serve/sbora-serve/adapters"
+	"github.com/sbora-serve/sbora-serve/internal/gguf"
+	"github.com/sbora-serve/sbora-serve/kernels"
+	"github.com/sbora-serve/sbora-serve/llama"
+	"github.com/sbora-serve/sbora-serve/llama/modelfile"
+	"github.com/sbora-serve/sbora-serve/llama/oracle"
+)
+
+func main() {
+	modelPath := flag.String("model", "", "model GGUF")
+	synthetic := flag.String("synthetic", "", "generate a random model instead: 7b")
+	layers := flag.Int("layers", 2, "layers of the synthetic model")
+	typ := flag.String("type", "Q4_0", "weight type of the synthetic model")
+	tokens := flag.Int("tokens", 64, "tokens to decode per stream")
+	threads := flag.Int("threads", 2, "CPU threads")
+	batch := flag.Int("batch", 16, "streams in the batched run")
+	rank := flag.Int("rank", 16, "adapter rank")
+	flag.Parse()
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+
+	if *synthetic != "" {
+		if *synthetic != "7b" {
+			log.Fatalf("unknown synthetic model %q", *synthetic)
+		}
+		t, err := gguf.ParseTensorType(*typ)
+		if err != nil {
+			log.Fatal(err)
+		}
+		dir, err := os.MkdirTemp("", "sbora-bench-")
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer os.RemoveAll(dir)
+		*modelPath = filepath.Join(dir, "synthetic.gguf")
+		start := time.Now()
+		if err := modelfile.WriteRandom(*modelPath, modelfile.SevenB(*layers, t)); err != nil {
+			log.Fatal(err)
+		}
+		fmt.Printf("synthetic 7B-shaped model: %d layers, %s, written in %.1fs\n", *layers, t, time.Since(start).Seconds())
+	}
+	if *modelPath == "" {
+		log.Fatal("--model or --synthetic is required")
+	}
+
+	m, err := llama.Load(*modelPath, llama.LoadOptions{Threads: *threads})
+	if err != nil {
+		log.Fatal(err)
+	}
+	prompt, _ := m.Tokenizer.Encode("Once upon a time, there was a", true)
+	slotLen := len(prompt) + *tokens + 1
+
+	// llama.cpp baseline: one stream.
+	o, err := oracle.Open(*modelPath, nil, oracle.Options{Context: slotLen, Threads: *threads})
+	if err != nil {
+		log.Fatal(err)
+	}
+	o.Greedy(prompt, 4) // warm up
+	start := time.Now()
+	if _, err := o.Greedy(prompt, *tokens); err != nil {
+		log.Fatal(err)
+	}
+	ref := float64(*tokens) / time.Since(start).Seconds()
+	o.Close()
+
+	e, err := llama.NewEngine(m, llama.EngineOptions{Slots: *batch, SlotLen: slotLen, AdapterSlots: *batch, MaxRank: *rank})
+	if err != nil {
+		log.Fatal(err)
+	}
+	single := func(uses []kernels.Use) float64 {
+		greedyStreams(e, prompt, 4, 1, uses) // warm up
+		return greedyStreams(e, prompt, *tokens, 1, uses)
+	}
+	ours := single(nil)
+	var res []*kernels.Resident
+	for i := 0; i < *batch; i++ {
+		a, err := adapters.NewRandom(m.AdapterBase, adapters.RandomOptions{Variant: adapters.FA, Rank: *rank, Seed: uint64(i + 1)})
+		if err != nil {
+			log.Fatal(err)
+		}
+		r, err := e.Bank.Load(a)
+		if err != nil {
+			log.Fatal(err)
+		}
+		res = append(res, r)
+	}
+	withAdapter := single([]kernels.Use{{Adapter: res[0], Scale: 1}})
+	fmt.Printf("model %s (%d layers, %d wide), %d threads, %d decode tokens\n", filepath.Base(*modelPath), m.Params.Layers, m.Params.Embedding, *threads, *tokens)
+	fmt.Printf("  llama.cpp          1 stream : %8.1f tok/s  (baseline)\n", ref)
+	fmt.Printf("  sbora-serve        1 stream : %8.1f tok/s  %.2fx llama.cpp\n", ours, ours/ref)
+	fmt.Printf("  sbora-serve FA r%-3d 1 stream : %8.1f tok/s  %.2fx llama.cpp\n", *rank, withAdapter, withAdapter/ref)
+
+	base := greedyStreams(e, prompt, *tokens, *batch, nil)
+	var perStream [][]kernels.Use
+	for i := 0; i < *batch; i++ {
+		perStream = append(perStream, []kernels.Use{{Adapter: res[i], Scale: 1}})
+	}
+	distinct := greedyStreamsPer(e, prompt, *tokens, perStream)
+	fmt.Printf("  sbora-serve %3d streams, base           : %8.1f tok/s aggregate (baseline for the next line)\n", *batch, base)
+	fmt.Printf("  sbora-serve %3d streams, %3d FA adapters: %8.1f tok/s aggregate  %.2fx base\n", *batch, *batch, distinct, distinct/base)
+}
+
+// greedyStreams decodes n tokens on k streams that all use uses.
+func greedyStreams(e *llama.Engine, prompt []int32, n, k int, uses []kernels.Use) float64 {
+	per := make([][]kernels.Use, k)
+	for i := range per {
+		per[i] = uses
+	}
+	return greedyStreamsPer(e, prompt, n, per)
+}
+
+// greedyStreamsPer prefills every stream, then times n batched decode steps
+// and returns aggregate decode tok/s.
+func greedyStreamsPer(e *llama.Engine, prompt []int32, n int, uses [][]kernels.Use) float64 {
+	k := len(uses)
+	seqs := make([]llama.Seq, k)
+	for i := range seqs {
+		seqs[i] = llama.Seq{Slot: i, Tokens: prompt, Adapters: uses[i]}
+	}
+	res, err := e.Step(seqs)
+	if err != nil {
+		log.Fatal(err)
+	}
+	start := time.Now()
+	for step := 0; step < n; step++ {
+		for i := range seqs {
+			seqs[i].Pos += len(seqs[i].Tokens)
+			seqs[i].Tokens = []int32{argmax(res[i][0])}
+		}
+		if res, err = e.Step(seqs); err != nil {
+			log.Fatal(err)
+		}
+	}
+	return float64(n*k) / time.Since(start).Seconds()
+}
+
+func argmax(v []float32) int32 {
+	best := 0
+	for i := range v {
+		if v[i] > v[best] {
+			best = i
+		}
+	}
+	return int32(best)
+}
