@@ -20,15 +20,19 @@ PKGS := ./...
 MODEL ?= $(CURDIR)/../shared/models/stories260K.gguf
 PROMPT ?= Once upon a time
 
-.PHONY: all build run test vet fmt-check bench bench-decode clean
+.PHONY: all build run generate testdeps test vet fmt-check bench bench-decode clean
 
 all: build
 
 build:
 	$(GO) build -o bin/sbora-serve ./cmd/sbora-serve
 
-# The main job: a greedy generation with the default model.
+# The main job: the server on the default model with two demo adapters.
 run: build
+	MODEL=$(MODEL) ./deploy/run-demo.sh
+
+# A one-off greedy generation with the default model.
+generate: build
 	./bin/sbora-serve generate --model $(MODEL) --prompt "$(PROMPT)" --max-tokens 64 --temperature 0
 
 vet:
@@ -38,7 +42,15 @@ fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
-test: fmt-check vet build
+# The openai npm client drives the server in serve's tests.
+OPENAI_CLIENT := serve/testdata/openai-client
+testdeps: $(OPENAI_CLIENT)/node_modules/openai/package.json
+
+$(OPENAI_CLIENT)/node_modules/openai/package.json: $(OPENAI_CLIENT)/package.json $(OPENAI_CLIENT)/package-lock.json
+	cd $(OPENAI_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: fmt-check vet build testdeps
 	$(GO) test -timeout $(TEST_TIMEOUT) $(PKGS)
 
 bench:

@@ -96,21 +96,32 @@ type LoadOptions struct {
 	Progress func(float32)
 }
 
-// Load opens a LLaMA GGUF, builds the model and reads its weights.
-func Load(path string, opts LoadOptions) (*Model, error) {
-	registerOnce.Do(func() { model.Register("llama", newForRegistry) })
+// ReadBase reads only the metadata of a base model GGUF and describes its
+// weights for adapters (architecture, layers, shapes, fingerprint).
+func ReadBase(path string) (*adapters.Base, error) {
 	f, err := gguf.Open(path)
 	if err != nil {
 		return nil, err
 	}
+	defer f.Close()
 	arch, _ := f.KV.String("general.architecture")
+	if arch != "llama" {
+		return nil, fmt.Errorf("%s: unsupported architecture %q: sbora-serve runs llama-architecture GGUFs", path, arch)
+	}
+	layers, _ := f.KV.Int(arch + ".block_count")
 	shapes := make([]adapters.TensorShape, 0, len(f.Tensors))
 	for _, t := range f.Tensors {
 		shapes = append(shapes, adapters.TensorShape{Name: t.Name, Shape: t.Shape})
 	}
-	f.Close()
-	if arch != "llama" {
-		return nil, fmt.Errorf("%s: unsupported architecture %q: sbora-serve runs llama-architecture GGUFs", path, arch)
+	return adapters.NewBase(arch, int(layers), shapes), nil
+}
+
+// Load opens a LLaMA GGUF, builds the model and reads its weights.
+func Load(path string, opts LoadOptions) (*Model, error) {
+	registerOnce.Do(func() { model.Register("llama", newForRegistry) })
+	base, err := ReadBase(path)
+	if err != nil {
+		return nil, err
 	}
 	threads := opts.Threads
 	if threads <= 0 {
@@ -134,7 +145,7 @@ func Load(path string, opts LoadOptions) (*Model, error) {
 	}
 	m.Path = path
 	m.Threads = threads
-	m.AdapterBase = adapters.NewBase(arch, m.Params.Layers, shapes)
+	m.AdapterBase = base
 	return m, nil
 }
 

@@ -21,7 +21,9 @@ var commands []command
 
 func init() {
 	commands = []command{
+		{"serve", "serve the model and adapters over an OpenAI-compatible API (default)", runServe},
 		{"generate", "generate a continuation of a prompt (optionally with adapters)", runGenerate},
+		{"adapters", "adapter tools: random", runAdapters},
 		{"model", "model tools: random, quantize, info", runModel},
 		{"version", "print the version", func([]string) error { fmt.Println(version); return nil }},
 	}
@@ -39,9 +41,12 @@ func usage(w io.Writer) {
 
 func main() {
 	args := os.Args[1:]
-	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
+	if len(args) > 0 && (args[0] == "help" || args[0] == "-h" || args[0] == "--help") {
 		usage(os.Stdout)
 		return
+	}
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		args = append([]string{"serve"}, args...) // serve is the default command
 	}
 	for _, c := range commands {
 		if c.name == args[0] {

@@ -1,0 +1,341 @@
+package serve
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"strings"
+
+	"github.com/sbora-serve/sbora-serve/kernels"
+	"github.com/sbora-serve/sbora-serve/llama"
+)
+
+// AdapterRef names an adapter and its scale in the "adapters" extension.
+type AdapterRef struct {
+	Name  string   `json:"name"`
+	Scale *float64 `json:"scale,omitempty"`
+}
+
+// samplingFields are shared by chat and text completion requests.
+type samplingFields struct {
+	Model               string          `json:"model"`
+	MaxTokens           *int            `json:"max_tokens"`
+	MaxCompletionTokens *int            `json:"max_completion_tokens"`
+	Temperature         *float64        `json:"temperature"`
+	TopP                *float64        `json:"top_p"`
+	TopK                *int            `json:"top_k"`
+	MinP                *float64        `json:"min_p"`
+	N                   *int            `json:"n"`
+	Stream              bool            `json:"stream"`
+	StreamOptions       *streamOptions  `json:"stream_options"`
+	Stop                json.RawMessage `json:"stop"`
+	Seed                *int64          `json:"seed"`
+	PresencePenalty     *float64        `json:"presence_penalty"`
+	FrequencyPenalty    *float64        `json:"frequency_penalty"`
+	RepetitionPenalty   *float64        `json:"repetition_penalty"`
+	Logprobs            json.RawMessage `json:"logprobs"`
+	Adapters            []AdapterRef    `json:"adapters"`
+	User                string          `json:"user"`
+}
+
+type streamOptions struct {
+	IncludeUsage bool `json:"include_usage"`
+}
+
+// CompletionRequest is POST /v1/completions.
+type CompletionRequest struct {
+	samplingFields
+	Prompt json.RawMessage `json:"prompt"`
+	Echo   bool            `json:"echo"`
+	Suffix *string         `json:"suffix"`
+}
+
+// ChatRequest is POST /v1/chat/completions.
+type ChatRequest struct {
+	samplingFields
+	Messages       []chatMessage   `json:"messages"`
+	Tools          json.RawMessage `json:"tools"`
+	ResponseFormat *struct {
+		Type string `json:"type"`
+	} `json:"response_format"`
+}
+
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+	Name    string          `json:"name,omitempty"`
+}
+
+// genParams is a validated request, independent of its endpoint.
+type genParams struct {
+	model        string
+	adapters     []AdapterRef
+	maxTokens    int // 0 = up to the context
+	sampler      llama.SamplerOptions
+	stop         []string
+	stream       bool
+	includeUsage bool
+	// exactly one of these
+	promptText   string
+	promptTokens []int32
+	messages     []llama.Message
+}
+
+// decodeJSON reads one JSON object from r (unknown fields are ignored, as
+// OpenAI-compatible servers do, so newer clients keep working).
+func decodeJSON(r io.Reader, v any) error {
+	dec := json.NewDecoder(r)
+	if err := dec.Decode(v); err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			return err
+		}
+		if err == io.EOF {
+			return errBadRequest("", "request body is empty; send a JSON object")
+		}
+		return errBadRequest("", "invalid JSON body: %v", err)
+	}
+	if dec.More() {
+		return errBadRequest("", "request body has data after the JSON object")
+	}
+	return nil
+}
+
+func (f *samplingFields) validate(p *genParams) error {
+	if strings.TrimSpace(f.Model) == "" {
+		return errBadRequest("model", "model is required: the base model's name or an adapter's name (GET /v1/models)")
+	}
+	p.model = f.Model
+	p.stream = f.Stream
+	if f.StreamOptions != nil {
+		if !f.Stream {
+			return errBadRequest("stream_options", "stream_options requires stream: true")
+		}
+		p.includeUsage = f.StreamOptions.IncludeUsage
+	}
+	max := f.MaxTokens
+	if f.MaxCompletionTokens != nil {
+		max = f.MaxCompletionTokens
+	}
+	if max != nil {
+		if *max < 1 {
+			return errBadRequest("max_tokens", "max_tokens must be at least 1, got %d", *max)
+		}
+		p.maxTokens = *max
+	}
+	s := &p.sampler
+	s.Temperature = 1
+	if f.Temperature != nil {
+		if t := *f.Temperature; t < 0 || t > 2 || math.IsNaN(t) {
+			return errBadRequest("temperature", "temperature must be in [0, 2], got %v", t)
+		}
+		s.Temperature = float32(*f.Temperature)
+	}
+	if f.TopP != nil {
+		if v := *f.TopP; !(v > 0 && v <= 1) {
+			return errBadRequest("top_p", "top_p must be in (0, 1], got %v", v)
+		}
+		s.TopP = float32(*f.TopP)
+	}
+	if f.TopK != nil {
+		if *f.TopK < 0 {
+			return errBadRequest("top_k", "top_k must be ≥ 0, got %d", *f.TopK)
+		}
+		s.TopK = *f.TopK
+	}
+	if f.MinP != nil {
+		if v := *f.MinP; !(v >= 0 && v <= 1) {
+			return errBadRequest("min_p", "min_p must be in [0, 1], got %v", v)
+		}
+		s.MinP = float32(*f.MinP)
+	}
+	for _, pen := range []struct {
+		name string
+		v    *float64
+		dst  *float32
+	}{{"presence_penalty", f.PresencePenalty, &s.PresencePenalty}, {"frequency_penalty", f.FrequencyPenalty, &s.FrequencyPenalty}} {
+		if pen.v != nil {
+			if v := *pen.v; !(v >= -2 && v <= 2) {
+				return errBadRequest(pen.name, "%s must be in [-2, 2], got %v", pen.name, v)
+			}
+			*pen.dst = float32(*pen.v)
+		}
+	}
+	if f.RepetitionPenalty != nil {
+		if v := *f.RepetitionPenalty; !(v > 0 && v <= 10) {
+			return errBadRequest("repetition_penalty", "repetition_penalty must be in (0, 10], got %v", v)
+		}
+		s.RepeatPenalty = float32(*f.RepetitionPenalty)
+	}
+	if f.Seed != nil {
+		// Seed 0 would mean "random" to the sampler; shift user seeds.
+		s.Seed = uint64(*f.Seed) + 1
+		if s.Seed == 0 {
+			s.Seed = 1
+		}
+	}
+	if f.N != nil && *f.N != 1 {
+		return errBadRequest("n", "only n = 1 is supported, got %d", *f.N)
+	}
+	if len(f.Logprobs) > 0 && !isNullOrFalse(f.Logprobs) {
+		return errBadRequest("logprobs", "logprobs are not supported")
+	}
+	stop, err := parseStop(f.Stop)
+	if err != nil {
+		return err
+	}
+	p.stop = stop
+	if len(f.Adapters) > kernels.MaxCompose {
+		return errBadRequest("adapters", "at most %d adapters compose, got %d", kernels.MaxCompose, len(f.Adapters))
+	}
+	for i, a := range f.Adapters {
+		if a.Name == "" {
+			return errBadRequest(fmt.Sprintf("adapters[%d].name", i), "adapter name is required")
+		}
+		if a.Scale != nil && (math.IsNaN(*a.Scale) || math.IsInf(*a.Scale, 0) || math.Abs(*a.Scale) > 100) {
+			return errBadRequest(fmt.Sprintf("adapters[%d].scale", i), "adapter scale must be finite and at most 100 in magnitude")
+		}
+	}
+	p.adapters = f.Adapters
+	return nil
+}
+
+func isNullOrFalse(raw json.RawMessage) bool {
+	t := string(bytes.TrimSpace(raw))
+	return t == "null" || t == "false"
+}
+
+func parseStop(raw json.RawMessage) ([]string, error) {
+	if len(raw) == 0 || string(bytes.TrimSpace(raw)) == "null" {
+		return nil, nil
+	}
+	var one string
+	if err := json.Unmarshal(raw, &one); err == nil {
+		if one == "" {
+			return nil, nil
+		}
+		return []string{one}, nil
+	}
+	var many []string
+	if err := json.Unmarshal(raw, &many); err != nil {
+		return nil, errBadRequest("stop", "stop must be a string or an array of strings")
+	}
+	if len(many) > 4 {
+		return nil, errBadRequest("stop", "at most 4 stop sequences, got %d", len(many))
+	}
+	var out []string
+	for _, s := range many {
+		if s != "" {
+			out = append(out, s)
+		}
+	}
+	return out, nil
+}
+
+func (r *CompletionRequest) params() (*genParams, error) {
+	p := &genParams{}
+	if err := r.validate(p); err != nil {
+		return nil, err
+	}
+	if r.Echo {
+		return nil, errBadRequest("echo", "echo is not supported")
+	}
+	if r.Suffix != nil && *r.Suffix != "" {
+		return nil, errBadRequest("suffix", "suffix is not supported")
+	}
+	raw := bytes.TrimSpace(r.Prompt)
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, errBadRequest("prompt", "prompt is required")
+	}
+	var text string
+	if err := json.Unmarshal(raw, &text); err == nil {
+		p.promptText = text
+		return p, nil
+	}
+	var texts []string
+	if err := json.Unmarshal(raw, &texts); err == nil {
+		if len(texts) != 1 {
+			return nil, errBadRequest("prompt", "a prompt array must hold exactly one prompt (batch prompts are not supported), got %d", len(texts))
+		}
+		p.promptText = texts[0]
+		return p, nil
+	}
+	var toks []int32
+	if err := json.Unmarshal(raw, &toks); err == nil {
+		if len(toks) == 0 {
+			return nil, errBadRequest("prompt", "prompt has no tokens")
+		}
+		p.promptTokens = toks
+		return p, nil
+	}
+	var tokLists [][]int32
+	if err := json.Unmarshal(raw, &tokLists); err == nil && len(tokLists) == 1 && len(tokLists[0]) > 0 {
+		p.promptTokens = tokLists[0]
+		return p, nil
+	}
+	return nil, errBadRequest("prompt", "prompt must be a string, an array of one string, or an array of token ids")
+}
+
+func (r *ChatRequest) params() (*genParams, error) {
+	p := &genParams{}
+	if err := r.validate(p); err != nil {
+		return nil, err
+	}
+	if len(r.Tools) > 0 && string(bytes.TrimSpace(r.Tools)) != "null" && string(bytes.TrimSpace(r.Tools)) != "[]" {
+		return nil, errBadRequest("tools", "tools are not supported")
+	}
+	if r.ResponseFormat != nil && r.ResponseFormat.Type != "" && r.ResponseFormat.Type != "text" {
+		return nil, errBadRequest("response_format", "response_format %q is not supported (only text)", r.ResponseFormat.Type)
+	}
+	if len(r.Messages) == 0 {
+		return nil, errBadRequest("messages", "messages must hold at least one message")
+	}
+	for i, m := range r.Messages {
+		role := m.Role
+		if role == "developer" {
+			role = "system"
+		}
+		switch role {
+		case "system", "user", "assistant":
+		default:
+			return nil, errBadRequest(fmt.Sprintf("messages[%d].role", i), "unsupported role %q (want system, user or assistant)", m.Role)
+		}
+		content, err := messageText(m.Content)
+		if err != nil {
+			return nil, errBadRequest(fmt.Sprintf("messages[%d].content", i), "%v", err)
+		}
+		p.messages = append(p.messages, llama.Message{Role: role, Content: content})
+	}
+	return p, nil
+}
+
+// messageText accepts a string, null, or an array of text parts.
+func messageText(raw json.RawMessage) (string, error) {
+	t := bytes.TrimSpace(raw)
+	if len(t) == 0 || string(t) == "null" {
+		return "", nil
+	}
+	var s string
+	if err := json.Unmarshal(t, &s); err == nil {
+		return s, nil
+	}
+	var parts []struct {
+		Type string  `json:"type"`
+		Text *string `json:"text"`
+	}
+	if err := json.Unmarshal(t, &parts); err != nil {
+		return "", fmt.Errorf("content must be a string or an array of text parts")
+	}
+	var b strings.Builder
+	for _, part := range parts {
+		if part.Type != "text" || part.Text == nil {
+			return "", fmt.Errorf("content part of type %q is not supported (text only)", part.Type)
+		}
+		b.WriteString(*part.Text)
+	}
+	return b.String(), nil
+}

@@ -1,0 +1,277 @@
+package serve_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sbora-serve/sbora-serve/internal/testutil"
+	"github.com/sbora-serve/sbora-serve/llama"
+	"github.com/sbora-serve/sbora-serve/llama/oracle"
+)
+
+// TestOpenAIClient drives the server with the official openai npm client:
+// models.list, chat (plain and streaming), completions (plain and
+// streaming), and a 404 surfacing as the client's error type.
+func TestOpenAIClient(t *testing.T) {
+	dir := t.TempDir()
+	names := writeAdapters(t, dir, 1, 1)
+	s := startServer(t, dir, "--api-key", "test-key", "--ctx", "256")
+	clientDir, _ := filepath.Abs("testdata/openai-client")
+	if _, err := os.Stat(filepath.Join(clientDir, "node_modules", "openai")); err != nil {
+		t.Fatalf("the openai npm package is not installed (make testdeps): %v", err)
+	}
+	cmd := exec.Command("node", "client.mjs", s.URL+"/v1", "stories260K", names[0])
+	cmd.Dir = clientDir
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("node client: %v\n%s\nserver: %s", err, out, s.stderr)
+	}
+	var got struct {
+		Models []struct {
+			ID     string  `json:"id"`
+			Parent *string `json:"parent"`
+		}
+		Chat, ChatStream struct {
+			Text   string
+			Finish string
+			Chunks int
+			Usage  *struct {
+				Prompt     int `json:"prompt_tokens"`
+				Completion int `json:"completion_tokens"`
+				Total      int `json:"total_tokens"`
+			}
+		}
+		Completion, CompletionStream struct {
+			Text   string
+			Finish string
+		}
+		NotFound struct {
+			Status int
+			Type   string
+		}
+	}
+	if err := json.Unmarshal(out[strings.LastIndexByte(strings.TrimSpace(string(out)), '\n')+1:], &got); err != nil {
+		t.Fatalf("client output %s: %v", out, err)
+	}
+	if len(got.Models) != 2 || got.Models[0].ID != "stories260K" || got.Models[0].Parent != nil ||
+		got.Models[1].ID != names[0] || got.Models[1].Parent == nil || *got.Models[1].Parent != "stories260K" {
+		t.Errorf("models.list: %+v", got.Models)
+	}
+	if got.Chat.Text == "" || got.Chat.Finish != "length" || got.Chat.Usage == nil || got.Chat.Usage.Completion != 24 ||
+		got.Chat.Usage.Total != got.Chat.Usage.Prompt+24 {
+		t.Errorf("chat: %+v", got.Chat)
+	}
+	if got.ChatStream.Text != got.Chat.Text || got.ChatStream.Finish != "length" || got.ChatStream.Chunks < 3 ||
+		got.ChatStream.Usage == nil || got.ChatStream.Usage.Completion != 24 {
+		t.Errorf("chat stream %+v differs from chat %+v", got.ChatStream, got.Chat)
+	}
+	if got.NotFound.Status != 404 {
+		t.Errorf("unknown model: %+v", got.NotFound)
+	}
+	// The base completion is llama.cpp's greedy continuation.
+	model := testutil.Shared(t, "models/stories260K.gguf")
+	o, err := oracle.Open(model, nil, oracle.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close()
+	prompt, _ := o.Tokenize("Once upon a time", true)
+	want, _ := o.Greedy(prompt, 16)
+	tok, _ := llama.LoadTokenizer(model)
+	wantText, _ := tok.Decode(want)
+	if got.Completion.Text != wantText || got.CompletionStream.Text != wantText || got.Completion.Finish != "length" {
+		t.Errorf("completion %q / stream %q, llama.cpp greedy %q", got.Completion.Text, got.CompletionStream.Text, wantText)
+	}
+}
+
+type job struct {
+	model, prompt string
+	extra         map[string]any
+	want          string
+}
+
+const genTokens = 120
+
+var prompts = []string{
+	"Once upon a time", "The little dog", "Lily and Tom went to", "One day, a big bird",
+	"Mom said", "The sun was hot and", "Ben had a red ball.", "In the park there was",
+	"The cat jumped", "Sara found a box",
+}
+
+// TestConcurrentRequestsMatchAloneUnderChurn sends 18 concurrent greedy
+// requests spread over 8 adapters, a two-adapter composition and the base,
+// and checks each returns exactly its text when sent alone; meanwhile
+// adapters are uploaded, used, unregistered (one while a request is using
+// it) and re-registered over and over, and none of those requests may fail
+// or change either.
+func TestConcurrentRequestsMatchAloneUnderChurn(t *testing.T) {
+	dir := t.TempDir()
+	names := writeAdapters(t, dir, 9, 100)
+	churnFile := filepath.Join(dir, names[8]+".gguf")
+	churnBytes, err := os.ReadFile(churnFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(churnFile) // registered only through the API below
+	s := startServer(t, dir, "--parallel", "16", "--cache-f32", "--max-resident", "12", "--ctx", "256")
+
+	var jobs []job
+	for i := 0; i < 16; i++ {
+		jobs = append(jobs, job{model: names[i%8], prompt: prompts[i%len(prompts)]})
+	}
+	jobs = append(jobs, job{model: "stories260K", prompt: prompts[0]}, job{model: "stories260K", prompt: prompts[3]},
+		job{model: names[0], prompt: prompts[5], extra: map[string]any{"adapters": []map[string]any{{"name": names[1], "scale": 0.5}}}})
+	for i := range jobs {
+		text, err := s.complete(t, jobs[i].model, jobs[i].prompt, genTokens, jobs[i].extra)
+		if err != nil {
+			t.Fatal(err)
+		}
+		jobs[i].want = text
+	}
+	if jobs[0].want == jobs[16].want {
+		t.Fatal("adapter output equals the base's: the check would be vacuous")
+	}
+	// The churn adapter's expected text, measured alone before the load.
+	if status, body := s.do(t, "POST", "/v1/adapters?name=churn", nil); status == 201 {
+		t.Fatalf("register without body succeeded: %s", body)
+	}
+	upload := func(name string) {
+		req, _ := http.NewRequest("POST", s.URL+"/v1/adapters?name="+name+"&replace=true", strings.NewReader(string(churnBytes)))
+		req.Header.Set("Content-Type", "application/octet-stream")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 201 {
+			t.Errorf("upload %s: status %d", name, resp.StatusCode)
+		}
+	}
+	upload("churn")
+	churnWant, err := s.complete(t, "churn", prompts[2], 24, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Each job runs repeatedly in its own goroutine until the churn rounds
+	// are over, so load and churn overlap by construction.
+	var wg sync.WaitGroup
+	errs := make(chan error, 1000)
+	churnDone := make(chan struct{})
+	var mu sync.Mutex
+	completed := 0
+	for _, j := range jobs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				got, err := s.complete(t, j.model, j.prompt, genTokens, j.extra)
+				if err != nil {
+					errs <- fmt.Errorf("%s %q: %v", j.model, j.prompt, err)
+				} else if got != j.want {
+					errs <- fmt.Errorf("%s %q under load:\n got  %q\n want %q", j.model, j.prompt, got, j.want)
+				}
+				mu.Lock()
+				completed++
+				mu.Unlock()
+				select {
+				case <-churnDone:
+					return
+				default:
+				}
+			}
+		}()
+	}
+	const churns = 5
+	for round := 0; round < churns; round++ {
+		// Register (upload), use, unregister, re-register from the file.
+		upload("churn")
+		if got, err := s.complete(t, "churn", prompts[2], 24, nil); err != nil || got != churnWant {
+			errs <- fmt.Errorf("churn round %d: %q %v", round, got, err)
+		}
+		// Unregister while a request uses it: the request must finish intact.
+		inflight := make(chan error, 1)
+		go func() {
+			got, err := s.complete(t, "churn", prompts[2], 24, nil)
+			if err == nil && got != churnWant {
+				err = fmt.Errorf("altered: %q", got)
+			}
+			if err != nil && !strings.Contains(err.Error(), "404") {
+				inflight <- err
+				return
+			}
+			inflight <- nil
+		}()
+		time.Sleep(5 * time.Millisecond)
+		if status, body := s.do(t, "DELETE", "/v1/adapters/churn", nil); status != 200 {
+			errs <- fmt.Errorf("delete churn: %d %s", status, body)
+		}
+		if err := <-inflight; err != nil {
+			errs <- fmt.Errorf("in-flight request on an unregistered adapter: %v", err)
+		}
+		if status, _ := s.do(t, "POST", "/v1/completions", map[string]any{"model": "churn", "prompt": "x"}); status != 404 {
+			errs <- fmt.Errorf("unregistered adapter answered %d", status)
+		}
+	}
+	close(churnDone)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	t.Logf("%d concurrent requests (%d streams) matched their solo outputs while %d register/use/unregister rounds ran", completed, len(jobs), churns)
+	if loads := s.metric(t, "sbora_adapter_loads_total"); loads < float64(8+churns) {
+		t.Errorf("sbora_adapter_loads_total = %v", loads)
+	}
+}
+
+// TestDisconnectFreesSlot starts a long streaming completion, drops the
+// connection after the first chunk, and watches /metrics free its slot.
+func TestDisconnectFreesSlot(t *testing.T) {
+	s := startServer(t, t.TempDir(), "--parallel", "1", "--ctx", "512")
+	ctx, cancel := context.WithCancel(context.Background())
+	body := `{"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 480, "stream": true}`
+	req, _ := http.NewRequestWithContext(ctx, "POST", s.URL+"/v1/completions", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(resp.Body).ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "data: ") {
+		t.Fatalf("first chunk %q %v", line, err)
+	}
+	if active := s.metric(t, "sbora_active_sequences"); active != 1 {
+		t.Fatalf("active sequences while streaming = %v", active)
+	}
+	cancel()
+	resp.Body.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for s.metric(t, "sbora_active_sequences") != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("slot not freed 5s after the client disconnected")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if c := s.metric(t, "sbora_requests_total", `status="canceled"`); c != 1 {
+		t.Errorf("canceled requests = %v", c)
+	}
+	if gen := s.metric(t, "sbora_generation_tokens_total"); gen >= 480 {
+		t.Errorf("generation ran to the end (%v tokens) after the disconnect", gen)
+	}
+	// The single slot serves the next request.
+	if _, err := s.complete(t, "stories260K", "Once upon a time", 8, nil); err != nil {
+		t.Fatal(err)
+	}
+}
