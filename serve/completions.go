@@ -133,7 +133,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, p *genParams, 
 		maxTokens = min(maxTokens, p.maxTokens)
 	}
 	req := &request{ctx: r.Context(), label: p.model, endpoint: endpoint, prompt: prompt, adapters: uses,
-		maxTokens: maxTokens, sampler: p.sampler, stop: p.stop, arrived: time.Now(), events: make(chan event, maxTokens+2)}
+		maxTokens: maxTokens, sampler: p.sampler, stop: p.stop, ignoreEOS: p.ignoreEOS, arrived: time.Now(), events: make(chan event, maxTokens+2)}
 	if err := s.sched.submit(req); err != nil {
 		s.metrics.requests.WithLabelValues(p.model, endpoint, "rejected").Inc()
 		writeError(w, err)

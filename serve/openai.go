@@ -37,6 +37,7 @@ type samplingFields struct {
 	PresencePenalty     *float64        `json:"presence_penalty"`
 	FrequencyPenalty    *float64        `json:"frequency_penalty"`
 	RepetitionPenalty   *float64        `json:"repetition_penalty"`
+	IgnoreEOS           bool            `json:"ignore_eos"`
 	Logprobs            json.RawMessage `json:"logprobs"`
 	Adapters            []AdapterRef    `json:"adapters"`
 	User                string          `json:"user"`
@@ -79,6 +80,7 @@ type genParams struct {
 	stop         []string
 	stream       bool
 	includeUsage bool
+	ignoreEOS    bool
 	// exactly one of these
 	promptText   string
 	promptTokens []int32
@@ -111,6 +113,7 @@ func (f *samplingFields) validate(p *genParams) error {
 	}
 	p.model = f.Model
 	p.stream = f.Stream
+	p.ignoreEOS = f.IgnoreEOS
 	if f.StreamOptions != nil {
 		if !f.Stream {
 			return errBadRequest("stream_options", "stream_options requires stream: true")

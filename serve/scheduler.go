@@ -33,6 +33,7 @@ type request struct {
 	maxTokens int
 	sampler   llama.SamplerOptions
 	stop      []string
+	ignoreEOS bool // benchmarks: generate maxTokens whatever the model says
 	arrived   time.Time
 	events    chan event
 }
@@ -417,7 +418,7 @@ func (s *scheduler) sample(q *sequence, logits []float32) {
 		s.m.itl.Observe(now.Sub(q.lastToken).Seconds())
 	}
 	q.lastToken = now
-	if s.tok.Is(tok, tokenizer.SpecialEOS) {
+	if s.tok.Is(tok, tokenizer.SpecialEOS) && !q.req.ignoreEOS {
 		s.flush(q, true)
 		s.finish(q, "stop", nil)
 		return
