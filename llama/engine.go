@@ -120,8 +120,8 @@ func (e *Engine) Step(seqs []Seq) ([][][]float32, error) {
 		proj = routing.Bind(ctx)
 	}
 	att := e.Cache.bind(ctx, e.Model, plan)
-	hidden := e.Model.forward(ctx, tokT, posT, outT, att, proj)
-	logits := e.Model.logits(ctx, hidden)
+	hidden := e.Model.Transformer(ctx, tokT, posT, outT, att, proj)
+	logits := e.Model.Logits(ctx, hidden)
 	ctx.Forward(logits).Compute(logits)
 	flat := logits.Floats()
 	vocab := logits.Dim(0)

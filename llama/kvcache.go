@@ -211,7 +211,7 @@ func (a *cachedAttention) Attend(ctx ml.Context, layer int, q, k, v ml.Tensor) m
 		qg := qFlat.Rows(ctx, g.qRows).Reshape(ctx, cfg.HeadDim, cfg.Heads, g.q, g.nSlots)
 		kg := a.view(ctx, keys, g)
 		vg := a.view(ctx, values, g)
-		o := qg.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, kg, vg, g.mask, nil, nil, a.m.attentionScale(), true)
+		o := qg.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, kg, vg, g.mask, nil, nil, a.m.AttentionScale(), true)
 		o = o.Reshape(ctx, cfg.QDim(), g.q*g.nSlots)
 		if out == nil {
 			out = o

@@ -207,10 +207,11 @@ func (m *Model) rope(ctx ml.Context, x, positions, factors ml.Tensor) ml.Tensor 
 	return nn.RoPE(ctx, x, positions, c.RopeDim, c.RopeBase, c.RopeScale, rope.WithFactors(factors))
 }
 
-// forward runs the transformer over a batch of T tokens and returns the
-// final hidden states of the rows in outputs (all rows when nil), before the
-// output norm: [embedding, len(outputs)].
-func (m *Model) forward(ctx ml.Context, tokens, positions, outputs ml.Tensor, att Attender, p Projector) ml.Tensor {
+// Transformer runs the layers over a batch of T tokens and returns the final
+// hidden states of the rows in outputs (all rows when nil), before the
+// output norm: [embedding, len(outputs)]. It is the one LLaMA forward pass:
+// the engine feeds it cached attention, the trainer full-sequence attention.
+func (m *Model) Transformer(ctx ml.Context, tokens, positions, outputs ml.Tensor, att Attender, p Projector) ml.Tensor {
 	c := m.Params
 	hidden := m.TokenEmbedding.Forward(ctx, tokens)
 	T := tokens.Dim(0)
@@ -245,10 +246,10 @@ func (m *Model) forward(ctx ml.Context, tokens, positions, outputs ml.Tensor, at
 	return hidden
 }
 
-// logits applies the output norm and head: [vocab, rows].
-func (m *Model) logits(ctx ml.Context, hidden ml.Tensor) ml.Tensor {
+// Logits applies the output norm and head: [vocab, rows].
+func (m *Model) Logits(ctx ml.Context, hidden ml.Tensor) ml.Tensor {
 	return m.Output.Forward(ctx, m.OutputNorm.Forward(ctx, hidden, m.Params.Eps))
 }
 
-// attentionScale is 1/sqrt(head_dim).
-func (m *Model) attentionScale() float64 { return 1 / math.Sqrt(float64(m.Params.HeadDim)) }
+// AttentionScale is 1/sqrt(head_dim).
+func (m *Model) AttentionScale() float64 { return 1 / math.Sqrt(float64(m.Params.HeadDim)) }
