@@ -137,4 +137,3 @@ func trimNewline(b []byte) []byte {
 	}
 	return b
 }
-

@@ -311,7 +311,9 @@ func TestEvalLossMatchesEngine(t *testing.T) {
 // be identical to an uninterrupted run's.
 func TestResumeReproducesTheRun(t *testing.T) {
 	m := load(t, testutil.Shared(t, "models/stories260K.gguf"))
-	opts := func(c *Config) { c.Batch, c.GradAccum, c.Warmup, c.Schedule, c.Variant = 4, 2, 3, "cosine", adapters.FB }
+	opts := func(c *Config) {
+		c.Batch, c.GradAccum, c.Warmup, c.Schedule, c.Variant = 4, 2, 3, "cosine", adapters.FB
+	}
 	full, _ := trainSecret(t, m, adapters.FB, 10, opts)
 	if err := full.Run(context.Background()); err != nil {
 		t.Fatal(err)
