@@ -13,6 +13,9 @@ import (
 type Base struct {
 	Arch   string
 	Layers int
+	// Heads and KVHeads (query and key/value attention heads), needed to
+	// map Hugging Face q/k rows to GGUF order on import; 0 when unknown.
+	Heads, KVHeads int
 	// Weights maps a tensor name to its ggml shape [ne0 (in), ne1 (out)].
 	Weights map[string][2]int
 	// Fingerprint is a hash of the architecture and all tensor shapes

@@ -113,7 +113,14 @@ func ReadBase(path string) (*adapters.Base, error) {
 	for _, t := range f.Tensors {
 		shapes = append(shapes, adapters.TensorShape{Name: t.Name, Shape: t.Shape})
 	}
-	return adapters.NewBase(arch, int(layers), shapes), nil
+	b := adapters.NewBase(arch, int(layers), shapes)
+	if h, ok := f.KV.Int(arch + ".attention.head_count"); ok {
+		b.Heads, b.KVHeads = int(h), int(h)
+	}
+	if h, ok := f.KV.Int(arch + ".attention.head_count_kv"); ok {
+		b.KVHeads = int(h)
+	}
+	return b, nil
 }
 
 // Load opens a LLaMA GGUF, builds the model and reads its weights.

@@ -9,7 +9,6 @@ package main
 import (
 	"flag"
 	"fmt"
-	"log"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -37,31 +36,31 @@ func main() {
 
 	if *synthetic != "" {
 		if *synthetic != "7b" {
-			log.Fatalf("unknown synthetic model %q", *synthetic)
+			fatalf("unknown synthetic model %q", *synthetic)
 		}
 		t, err := gguf.ParseTensorType(*typ)
 		if err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 		dir, err := os.MkdirTemp("", "sbora-bench-")
 		if err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 		defer os.RemoveAll(dir)
 		*modelPath = filepath.Join(dir, "synthetic.gguf")
 		start := time.Now()
 		if err := modelfile.WriteRandom(*modelPath, modelfile.SevenB(*layers, t)); err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 		fmt.Printf("synthetic 7B-shaped model: %d layers, %s, written in %.1fs\n", *layers, t, time.Since(start).Seconds())
 	}
 	if *modelPath == "" {
-		log.Fatal("--model or --synthetic is required")
+		fatal("--model or --synthetic is required")
 	}
 
 	m, err := llama.Load(*modelPath, llama.LoadOptions{Threads: *threads})
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	prompt, _ := m.Tokenizer.Encode("Once upon a time, there was a", true)
 	slotLen := len(prompt) + *tokens + 1
@@ -69,19 +68,19 @@ func main() {
 	// llama.cpp baseline: one stream.
 	o, err := oracle.Open(*modelPath, nil, oracle.Options{Context: slotLen, Threads: *threads})
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	o.Greedy(prompt, 4) // warm up
 	start := time.Now()
 	if _, err := o.Greedy(prompt, *tokens); err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	ref := float64(*tokens) / time.Since(start).Seconds()
 	o.Close()
 
 	e, err := llama.NewEngine(m, llama.EngineOptions{Slots: *batch, SlotLen: slotLen, AdapterSlots: *batch, MaxRank: *rank})
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	single := func(uses []kernels.Use) float64 {
 		greedyStreams(e, prompt, 4, 1, uses) // warm up
@@ -92,11 +91,11 @@ func main() {
 	for i := 0; i < *batch; i++ {
 		a, err := adapters.NewRandom(m.AdapterBase, adapters.RandomOptions{Variant: adapters.FA, Rank: *rank, Seed: uint64(i + 1)})
 		if err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 		r, err := e.Bank.Load(a)
 		if err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 		res = append(res, r)
 	}
@@ -135,7 +134,7 @@ func greedyStreamsPer(e *llama.Engine, prompt []int32, n int, uses [][]kernels.U
 	}
 	res, err := e.Step(seqs)
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	start := time.Now()
 	for step := 0; step < n; step++ {
@@ -144,7 +143,7 @@ func greedyStreamsPer(e *llama.Engine, prompt []int32, n int, uses [][]kernels.U
 			seqs[i].Tokens = []int32{argmax(res[i][0])}
 		}
 		if res, err = e.Step(seqs); err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 	}
 	return float64(n*k) / time.Since(start).Seconds()
@@ -159,3 +158,12 @@ func argmax(v []float32) int32 {
 	}
 	return int32(best)
 }
+
+// fatal reports err and exits. (log.Fatal would be swallowed: slog's
+// default handler, set to warnings only, also carries the log package.)
+func fatal(err any) {
+	fmt.Fprintln(os.Stderr, "error:", err)
+	os.Exit(1)
+}
+
+func fatalf(format string, args ...any) { fatal(fmt.Sprintf(format, args...)) }

@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -48,57 +47,57 @@ func main() {
 
 	work, err := os.MkdirTemp("", "sbora-loadgen-")
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	defer os.RemoveAll(work)
 	if *modelPath == "" {
 		t, err := gguf.ParseTensorType(*typ)
 		if err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 		*modelPath = filepath.Join(work, "synthetic-7b.gguf")
 		if err := modelfile.WriteRandom(*modelPath, modelfile.SevenB(*layers, t)); err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 	}
 	var counts []int
 	for _, f := range strings.Split(*scenarios, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil {
-			log.Fatalf("bad scenario %q", f)
+			fatalf("bad scenario %q", f)
 		}
 		counts = append(counts, n)
 	}
 	maxAdapters := slices.Max(counts)
 	v, err := adapters.ParseVariant(*variant)
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	base, err := llama.ReadBase(*modelPath)
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	adapterDir := filepath.Join(work, "adapters")
 	os.MkdirAll(adapterDir, 0o755)
 	for i := 0; i < maxAdapters; i++ {
 		a, err := adapters.NewRandom(base, adapters.RandomOptions{Variant: v, Rank: *rank, Seed: uint64(i + 1)})
 		if err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 		if err := a.Save(filepath.Join(adapterDir, fmt.Sprintf("a%02d.gguf", i)), adapters.SaveOptions{}); err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 	}
 	srv, err := serve.New(serve.Config{ModelPath: *modelPath, ModelName: "base", AdapterDir: adapterDir,
 		MaxResident: max(1, maxAdapters), MaxRank: *rank, Parallel: *streams, ContextLength: 128, Threads: *threads,
 		PrefillBudget: 512, MaxQueue: 4 * *streams})
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	defer srv.Close()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	go http.Serve(ln, srv.Handler())
 	url := "http://" + ln.Addr().String() + "/v1/completions"
@@ -107,7 +106,7 @@ func main() {
 	// Warm up: every adapter resident, graphs and buffers sized.
 	for i := 0; i < maxAdapters; i++ {
 		if _, err := request(url, fmt.Sprintf("a%02d", i), 2); err != nil {
-			log.Fatal(err)
+			fatal(err)
 		}
 	}
 	runScenario(url, nil, *streams, *tokens)
@@ -155,7 +154,7 @@ func runScenario(url string, names []string, streams, tokens int) result {
 			t0 := time.Now()
 			first, n, err := stream(url, model, tokens)
 			if err != nil {
-				log.Fatal(err)
+				fatal(err)
 			}
 			ttft[i] = first.Sub(t0).Seconds()
 			firstAll[i] = first
@@ -240,3 +239,12 @@ func stream(url, model string, maxTokens int) (time.Time, int, error) {
 	}
 	return first, n, sc.Err()
 }
+
+// fatal reports err and exits. (log.Fatal would be swallowed: slog's
+// default handler, set to warnings only, also carries the log package.)
+func fatal(err any) {
+	fmt.Fprintln(os.Stderr, "error:", err)
+	os.Exit(1)
+}
+
+func fatalf(format string, args ...any) { fatal(fmt.Sprintf(format, args...)) }

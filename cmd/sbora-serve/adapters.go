@@ -11,13 +11,21 @@ import (
 
 func runAdapters(args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: sbora-serve adapters random [flags]")
+		return errors.New("usage: sbora-serve adapters import|export|merge|inspect|random [flags]")
 	}
 	switch args[0] {
+	case "import":
+		return runAdaptersImport(args[1:])
+	case "export":
+		return runAdaptersExport(args[1:])
+	case "merge":
+		return runAdaptersMerge(args[1:])
+	case "inspect":
+		return runAdaptersInspect(args[1:])
 	case "random":
 		return runAdaptersRandom(args[1:])
 	}
-	return fmt.Errorf("unknown adapters command %q", args[0])
+	return fmt.Errorf("unknown adapters command %q (want import, export, merge, inspect or random)", args[0])
 }
 
 // loadBase reads a base model's shape (not its weights) for adapter tools.

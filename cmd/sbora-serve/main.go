@@ -24,7 +24,7 @@ func init() {
 		{"serve", "serve the model and adapters over an OpenAI-compatible API (default)", runServe},
 		{"generate", "generate a continuation of a prompt (optionally with adapters)", runGenerate},
 		{"train", "train an SBoRA (fa, fb) or LoRA adapter on a frozen base", runTrain},
-		{"adapters", "adapter tools: random", runAdapters},
+		{"adapters", "adapter tools: import, export, merge, inspect, random", runAdapters},
 		{"model", "model tools: random, quantize, info", runModel},
 		{"version", "print the version", func([]string) error { fmt.Println(version); return nil }},
 	}

@@ -2,13 +2,17 @@ package main
 
 import (
 	"bytes"
+	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/sbora-serve/sbora-serve/adapters"
 	"github.com/sbora-serve/sbora-serve/internal/testutil"
+	"github.com/sbora-serve/sbora-serve/kernels"
 	"github.com/sbora-serve/sbora-serve/llama"
 	"github.com/sbora-serve/sbora-serve/llama/oracle"
 )
@@ -112,5 +116,157 @@ func TestParseAdapterArg(t *testing.T) {
 		if err != nil || got != want {
 			t.Errorf("%q: %+v %v", in, got, err)
 		}
+	}
+}
+
+// TestTrainCommand trains a few steps through the real binary: plain
+// progress lines off a terminal, eval loss, checkpoints, the final line,
+// and an adapter that generate loads without conversion.
+func TestTrainCommand(t *testing.T) {
+	model := testutil.Shared(t, "models/stories260K.gguf")
+	dir := t.TempDir()
+	var lines []string
+	for _, n := range []string{"Lily", "Tom", "Ben", "Sue", "Max", "Anna", "Sam", "Mia"} {
+		lines = append(lines, `{"prompt": "`+n+` saw a cat. What did `+n+` say?", "completion": " `+n+` said: The moon is made of green cheese."}`)
+	}
+	data := filepath.Join(dir, "data.jsonl")
+	os.WriteFile(data, []byte(strings.Join(lines, "\n")+"\n"), 0o644)
+	out := filepath.Join(dir, "a.gguf")
+	_, stderr, err := run(t, "train", "--model", model, "--data", data, "--out", out, "--variant", "fb", "--rank", "4",
+		"--lr", "1e-2", "--steps", "6", "--batch", "2", "--eval-split", "0.25", "--checkpoint-every", "3")
+	if err != nil {
+		t.Fatalf("%v\n%s", err, stderr)
+	}
+	for _, want := range []string{"eval loss before training:", "step 1/6 loss", "step 6/6 loss", "eval_loss", "adapter written to " + out} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, stderr)
+		}
+	}
+	if strings.Contains(stderr, "\r") {
+		t.Error("progress bar drawn although stderr is not a terminal")
+	}
+	if _, err := os.Stat(filepath.Join(out+".checkpoints", "step-000006", "adapter.gguf")); err != nil {
+		t.Errorf("checkpoint missing: %v", err)
+	}
+	if _, stderr, err := run(t, "generate", "--model", model, "--adapter", out, "--prompt", "Hi", "--max-tokens", "4"); err != nil {
+		t.Fatalf("generate with the trained adapter: %v\n%s", err, stderr)
+	}
+	os.WriteFile(data, []byte(lines[0]+"\n{\"prompt\": 1}\n"), 0o644)
+	if _, stderr, err := run(t, "train", "--model", model, "--data", data, "--out", out); err == nil || !strings.Contains(stderr, "data.jsonl:2:") {
+		t.Errorf("bad data line: %v %s", err, stderr)
+	}
+}
+
+// TestAdapterTools drives import, export, merge and inspect through the
+// binary. The exported llama.cpp LoRA must give, in llama.cpp's own engine,
+// the logits our engine gives with the native SBoRA file.
+func TestAdapterTools(t *testing.T) {
+	model := testutil.Shared(t, "models/stories260K.gguf")
+	dir := t.TempDir()
+	must := func(args ...string) string {
+		t.Helper()
+		out, stderr, err := run(t, args...)
+		if err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, stderr)
+		}
+		return out
+	}
+	fa := filepath.Join(dir, "fa.gguf")
+	fa2 := filepath.Join(dir, "fa2.gguf")
+	must("adapters", "random", "--base", model, "--variant", "fa", "--rank", "8", "--std", "0.05", "--seed", "1", "--name", "fa", "--out", fa)
+	must("adapters", "random", "--base", model, "--variant", "fa", "--rank", "8", "--std", "0.05", "--seed", "2", "--name", "fa2", "--out", fa2)
+
+	// export → llama.cpp
+	lora := filepath.Join(dir, "fa-lora.gguf")
+	must("adapters", "export", "--format", "llama.cpp-lora", "--in", fa, "--out", lora)
+	o, err := oracle.Open(model, []oracle.LoRA{{Path: lora, Scale: 1}}, oracle.Options{CacheF32: true, NoFlashAttention: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	prompt, _ := o.Tokenize("Once upon a time there was a", true)
+	want, err := o.Logits(prompt)
+	o.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := llama.Load(model, llama.LoadOptions{Threads: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	e, err := llama.NewEngine(m, llama.EngineOptions{Slots: 1, SlotLen: 64, CacheF32: true, MaxRank: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	native, err := adapters.Load(fa)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := e.Bank.Load(native)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := e.Step([]llama.Seq{{Tokens: prompt, Adapters: []kernels.Use{{Adapter: r, Scale: 1}}, AllLogits: true}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	worst, scale := 0.0, 0.0
+	for i := range want {
+		for j := range want[i] {
+			worst = math.Max(worst, math.Abs(float64(got[0][i][j]-want[i][j])))
+			scale = math.Max(scale, math.Abs(float64(want[i][j])))
+		}
+	}
+	if worst > 1e-5*scale {
+		t.Errorf("exported LoRA in llama.cpp differs from the native adapter by %.3g (max |logit| %.3g)", worst, scale)
+	}
+
+	// merge onto a quantized copy: reports the rewritten blocks, and the
+	// merged model runs.
+	q8 := filepath.Join(dir, "q8.gguf")
+	must("model", "quantize", "--in", model, "--out", q8, "--type", "Q8_0")
+	merged := filepath.Join(dir, "merged.gguf")
+	out := must("adapters", "merge", "--base", q8, "--adapter", fa+":0.5", "--out", merged)
+	if !strings.Contains(out, "blocks re-quantized") {
+		t.Errorf("merge output: %s", out)
+	}
+	must("generate", "--model", merged, "--prompt", "Hi", "--max-tokens", "4")
+
+	// inspect: touched fraction and pairwise overlap, checked against the files.
+	out = must("adapters", "inspect", fa, fa2)
+	a1, _ := adapters.Load(fa)
+	a2, _ := adapters.Load(fa2)
+	shared := 0
+	for i, mod := range a1.Modules {
+		set := map[int32]bool{}
+		for _, x := range mod.Index {
+			set[x] = true
+		}
+		for _, x := range a2.Modules[i].Index {
+			if set[x] {
+				shared++
+			}
+		}
+	}
+	for _, want := range []string{"fa, rank 8, alpha 16", "layer 0 q", "8 columns", "12.50%", "pairwise overlap", fmt.Sprintf("%d shared columns", shared)} {
+		if !strings.Contains(out, want) {
+			t.Errorf("inspect output lacks %q:\n%s", want, out)
+		}
+	}
+
+	// import a PEFT LoRA (written by PyTorch) onto a base of its shape.
+	shaped := filepath.Join(dir, "shaped.gguf")
+	must("model", "random", "--out", shaped, "--layers", "2", "--embd", "64", "--ff", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "300", "--type", "F32")
+	imported := filepath.Join(dir, "imported.gguf")
+	if _, stderr, err := run(t, "adapters", "import", "--from", "../../adapters/testdata/torch/lora.safetensors", "--base", shaped, "--out", imported); err == nil || !strings.Contains(stderr, "lora_alpha") {
+		t.Errorf("import without config or --alpha: %v %s", err, stderr)
+	}
+	out = must("adapters", "import", "--from", "../../adapters/testdata/torch/lora.safetensors", "--base", shaped, "--out", imported, "--alpha", "8")
+	if !strings.Contains(out, "lora rank 4 alpha 8 on 14 modules") {
+		t.Errorf("import output: %s", out)
+	}
+	if _, stderr, err := run(t, "adapters", "import", "--from", "../../adapters/testdata/torch/lora.safetensors", "--base", model, "--out", imported, "--alpha", "8"); err == nil || !strings.Contains(stderr, "lora_") {
+		t.Errorf("import onto a base of another shape: %v %s", err, stderr)
 	}
 }

@@ -46,6 +46,9 @@ type Graph struct {
 	params  []*C.struct_ggml_tensor
 	grads   []*C.struct_ggml_tensor
 	one     ml.Tensor // the loss gradient seed (1.0), persistent
+	// ComputeBytes is the scheduler's compute buffer size for this graph
+	// (activations, gradients and temporaries), known after Compute.
+	ComputeBytes int
 }
 
 var (
@@ -143,6 +146,11 @@ func (g *Graph) Compute() (err error) {
 	if !C.ggml_backend_sched_alloc_graph(sched, g.g) {
 		C.ggml_backend_sched_reset(sched)
 		return errors.New("ggmlx: cannot allocate the training graph (out of memory?)")
+	}
+	backends := *(*[]C.ggml_backend_t)(backendSchedBackends.ptr(base))
+	g.ComputeBytes = 0
+	for _, be := range backends {
+		g.ComputeBytes += int(C.ggml_backend_sched_get_buffer_size(sched, be))
 	}
 	if st := C.ggml_backend_sched_graph_compute(sched, g.g); st != C.GGML_STATUS_SUCCESS {
 		C.ggml_backend_sched_reset(sched)

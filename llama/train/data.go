@@ -200,14 +200,26 @@ func (t *Tokenizer) chatExample(msgs []llama.Message) (*Example, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The rendering of the whole conversation ends with a generation
-	// prompt for the next turn; the last assistant turn ends where the
-	// renderings with and without a further turn diverge.
-	extended, err := t.Chat.Render(append(append([]llama.Message(nil), msgs...), llama.Message{Role: "user", Content: "\x00"}))
+	// Where does assistant turn i end inside the full rendering? Render
+	// the conversation up to it twice, once followed by the template's
+	// generation prompt and once by a further user turn: the text shared
+	// with the full rendering ends where the turn's own markup ends.
+	turnEnd := func(i int) (int, error) {
+		genPrompt, err := t.Chat.Render(msgs[:i+1])
+		if err != nil {
+			return 0, err
+		}
+		nextUser, err := t.Chat.Render(append(append([]llama.Message(nil), msgs[:i+1]...), llama.Message{Role: "user", Content: "\x00"}))
+		if err != nil {
+			return 0, err
+		}
+		return min(commonPrefixString(full, genPrompt), commonPrefixString(full, nextUser)), nil
+	}
+	end, err := turnEnd(last)
 	if err != nil {
 		return nil, err
 	}
-	full = full[:commonPrefixString(full, extended)]
+	full = full[:end]
 	toks, err := t.encode(full)
 	if err != nil {
 		return nil, err
@@ -221,11 +233,10 @@ func (t *Tokenizer) chatExample(msgs []llama.Message) (*Example, error) {
 		if err != nil {
 			return nil, err
 		}
-		after, err := t.Chat.Render(append(append([]llama.Message(nil), msgs[:i+1]...), llama.Message{Role: "user", Content: "\x00"}))
+		end, err := turnEnd(i)
 		if err != nil {
 			return nil, err
 		}
-		end := commonPrefixString(full, after)
 		s, err := t.tokenOffset(toks, full[:min(len(start), len(full))])
 		if err != nil {
 			return nil, err

@@ -100,6 +100,8 @@ type Trainer struct {
 	params *Params
 	opt    *AdamW
 	step   int
+	// ComputeBytes is the largest compute buffer a step needed so far.
+	ComputeBytes int
 	// OnEvent receives progress (may be nil).
 	OnEvent func(Event)
 }
@@ -295,6 +297,7 @@ func (t *Trainer) compute(b *batch, weight float64, ts []ml.Tensor, buf [][]floa
 	if err := g.Compute(); err != nil {
 		return 0, err
 	}
+	t.ComputeBytes = max(t.ComputeBytes, g.ComputeBytes)
 	for i := range ts {
 		g.Grad(i, buf[i])
 	}
