@@ -3,11 +3,12 @@
 //  1. cost: step time and memory of FA, FB and LoRA at equal rank, and of
 //     FA at rank 2r against LoRA at rank r (equal trainable parameters), on
 //     a synthetic 7B-shaped quantized model; ratios against LoRA at rank r.
+//
 //  2. quality: held-out loss of FA, FB and LoRA trained with the same data,
 //     steps and learning rate on stories260K (a GSM8K subset by default),
 //     our at-home check of the paper's claims.
 //
-//	go run ./bench/train
+//     go run ./bench/train
 package main
 
 import (

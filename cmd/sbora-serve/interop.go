@@ -214,4 +214,3 @@ func overlap(x, y *adapters.Adapter) string {
 	}
 	return fmt.Sprintf("%d shared %s in %d modules (%s)", total, map[adapters.Variant]string{adapters.FA: "columns", adapters.FB: "rows"}[x.Variant], mods, strings.Join(worst, ", "))
 }
-
