@@ -1,9 +1,7 @@
 package kernels
 
 import (
-	"encoding/binary"
 	"fmt"
-	"math"
 	"slices"
 
 	"github.com/ollama/ollama/ml"
@@ -209,7 +207,7 @@ func (b *Bank) stackFor(v adapters.Variant, t adapters.Target) (*stack, error) {
 			pad[i] = int32(i % limit)
 		}
 		for s := 0; s < n; s++ {
-			ggmlx.WriteAt(st.idx, s*r*4, int32Bytes(pad))
+			ggmlx.WriteInts(st.idx, s*r, pad)
 		}
 	}
 	if v != adapters.FA {
@@ -229,13 +227,13 @@ func (st *stack) write(v adapters.Variant, slot, r, maxRank int, m *adapters.Mod
 		if v == adapters.FA {
 			limit = st.in
 		}
-		ggmlx.WriteAt(st.idx, slot*maxRank*4, int32Bytes(padIndex(m.Index, maxRank, limit)))
+		ggmlx.WriteInts(st.idx, slot*maxRank, padIndex(m.Index, maxRank, limit))
 	}
 	if st.a != nil {
 		// A is r×in; the slot holds maxRank rows of in values.
 		block := make([]float32, st.in*maxRank)
 		copy(block, m.A)
-		ggmlx.WriteAt(st.a, slot*st.in*maxRank*4, float32Bytes(block))
+		ggmlx.WriteFloats(st.a, slot*st.in*maxRank, block)
 	}
 	if st.b != nil {
 		// B is out×r; the slot holds out rows of maxRank values.
@@ -243,7 +241,7 @@ func (st *stack) write(v adapters.Variant, slot, r, maxRank int, m *adapters.Mod
 		for o := 0; o < st.out; o++ {
 			copy(block[o*maxRank:o*maxRank+r], m.B[o*r:(o+1)*r])
 		}
-		ggmlx.WriteAt(st.b, slot*st.out*maxRank*4, float32Bytes(block))
+		ggmlx.WriteFloats(st.b, slot*st.out*maxRank, block)
 	}
 	st.dirty[slot] = true
 }
@@ -278,22 +276,6 @@ func padIndex(idx []int32, n, limit int) []int32 {
 		if !used[c] {
 			out = append(out, c)
 		}
-	}
-	return out
-}
-
-func int32Bytes(v []int32) []byte {
-	out := make([]byte, 4*len(v))
-	for i, x := range v {
-		binary.LittleEndian.PutUint32(out[4*i:], uint32(x))
-	}
-	return out
-}
-
-func float32Bytes(v []float32) []byte {
-	out := make([]byte, 4*len(v))
-	for i, x := range v {
-		binary.LittleEndian.PutUint32(out[4*i:], math.Float32bits(x))
 	}
 	return out
 }

@@ -21,18 +21,13 @@ var binary string
 
 func TestMain(m *testing.M) {
 	testutil.Quiet()
-	dir, err := os.MkdirTemp("", "sbora-cli-")
+	path, cleanup, err := testutil.BuildBinary(".")
 	if err != nil {
 		panic(err)
 	}
-	binary = filepath.Join(dir, "sbora-serve")
-	build := exec.Command("go", "build", "-o", binary, ".")
-	build.Stderr = os.Stderr
-	if err := build.Run(); err != nil {
-		panic(err)
-	}
+	binary = path
 	code := m.Run()
-	os.RemoveAll(dir)
+	cleanup()
 	os.Exit(code)
 }
 

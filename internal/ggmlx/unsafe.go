@@ -151,3 +151,17 @@ func EnsureGraphNodes(b ml.Backend, n int) {
 
 // GraphNodes is the number of nodes one graph may hold on b.
 func GraphNodes(b ml.Backend) int { return *(*int)(backendMaxNodes.ptr(backendOf(b))) }
+
+// WriteFloats copies v into t (F32) starting at element offset.
+func WriteFloats(t ml.Tensor, offset int, v []float32) {
+	if len(v) > 0 {
+		WriteAt(t, 4*offset, unsafe.Slice((*byte)(unsafe.Pointer(&v[0])), 4*len(v)))
+	}
+}
+
+// WriteInts copies v into t (I32) starting at element offset.
+func WriteInts(t ml.Tensor, offset int, v []int32) {
+	if len(v) > 0 {
+		WriteAt(t, 4*offset, unsafe.Slice((*byte)(unsafe.Pointer(&v[0])), 4*len(v)))
+	}
+}

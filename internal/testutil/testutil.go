@@ -4,6 +4,7 @@ package testutil
 import (
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 )
@@ -38,4 +39,22 @@ func Shared(t testing.TB, name string) string {
 // do not drown test output. Call it from TestMain.
 func Quiet() {
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+}
+
+// BuildBinary builds the sbora-serve command into a temporary directory
+// and returns its path and a cleanup function. Tests that run the real
+// binary call it from TestMain.
+func BuildBinary(cmdDir string) (path string, cleanup func(), err error) {
+	dir, err := os.MkdirTemp("", "sbora-serve-bin-")
+	if err != nil {
+		return "", nil, err
+	}
+	path = filepath.Join(dir, "sbora-serve")
+	build := exec.Command("go", "build", "-o", path, cmdDir)
+	build.Stderr = os.Stderr
+	if err := build.Run(); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, err
+	}
+	return path, func() { os.RemoveAll(dir) }, nil
 }

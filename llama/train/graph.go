@@ -1,7 +1,6 @@
 package train
 
 import (
-	"encoding/binary"
 	"math"
 
 	"github.com/ollama/ollama/ml"
@@ -95,12 +94,4 @@ func lossGraph(ctx ml.Context, m *llama.Model, p *projector, b *batch, weight fl
 		loss = loss.Scale(ctx, weight)
 	}
 	return loss
-}
-
-func f32bytes(v []float32) []byte {
-	out := make([]byte, 4*len(v))
-	for i, x := range v {
-		binary.LittleEndian.PutUint32(out[4*i:], math.Float32bits(x))
-	}
-	return out
 }

@@ -136,15 +136,7 @@ func FromAdapter(a *adapters.Adapter) *Params {
 	p := &Params{Variant: a.Variant, Rank: a.Rank, Alpha: a.Alpha}
 	for _, m := range a.Modules {
 		p.Modules = append(p.Modules, &Module{Target: m.Target, In: m.In, Out: m.Out,
-			Index: append([]int32(nil), m.Index...), A: append([]float32(nil), m.A...), B: append([]float32(nil), m.B...)})
-	}
-	for _, m := range p.Modules {
-		if len(m.A) == 0 {
-			m.A = nil
-		}
-		if len(m.B) == 0 {
-			m.B = nil
-		}
+			Index: slices.Clone(m.Index), A: slices.Clone(m.A), B: slices.Clone(m.B)})
 	}
 	return p
 }
@@ -154,15 +146,7 @@ func (p *Params) Adapter(name string, base *adapters.Base) *adapters.Adapter {
 	a := &adapters.Adapter{Name: name, Variant: p.Variant, Rank: p.Rank, Alpha: p.Alpha, BaseArch: base.Arch, BaseFingerprint: base.Fingerprint}
 	for _, m := range p.Modules {
 		a.Modules = append(a.Modules, &adapters.ModuleWeights{Target: m.Target, In: m.In, Out: m.Out,
-			Index: append([]int32(nil), m.Index...), A: append([]float32(nil), m.A...), B: append([]float32(nil), m.B...)})
-	}
-	for _, m := range a.Modules {
-		if len(m.A) == 0 {
-			m.A = nil
-		}
-		if len(m.B) == 0 {
-			m.B = nil
-		}
+			Index: slices.Clone(m.Index), A: slices.Clone(m.A), B: slices.Clone(m.B)})
 	}
 	return a
 }
@@ -205,7 +189,7 @@ func (p *Params) upload(b ml.Backend) (err error) {
 	}
 	ts, vals := p.tensors()
 	for i, t := range ts {
-		ggmlx.WriteAt(t, 0, f32bytes(vals[i]))
+		ggmlx.WriteFloats(t, 0, vals[i])
 	}
 	return nil
 }

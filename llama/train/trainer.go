@@ -249,7 +249,7 @@ func (t *Trainer) Run(ctx context.Context) error {
 		lr := learningRate(t.cfg.LR, t.step, t.cfg.Warmup, total, t.cfg.Schedule)
 		t.opt.Update(vals, grads, lr)
 		for i, tn := range ts {
-			ggmlx.WriteAt(tn, 0, f32bytes(vals[i]))
+			ggmlx.WriteFloats(tn, 0, vals[i])
 		}
 		t.step++
 		ev := Event{Step: t.step, Steps: total, Loss: stepLoss, GradNorm: norm, LR: lr, Elapsed: time.Since(start),
