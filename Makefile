@@ -50,8 +50,11 @@ $(OPENAI_CLIENT)/node_modules/openai/package.json: $(OPENAI_CLIENT)/package.json
 	cd $(OPENAI_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# -p 1: test binaries run one at a time. Each drives ggml with all cores,
+# and ggml's spinning threads slow down 30-60x when two binaries share
+# the cores.
 test: fmt-check vet build testdeps
-	$(GO) test -timeout $(TEST_TIMEOUT) $(PKGS)
+	$(GO) test -p 1 -timeout $(TEST_TIMEOUT) $(PKGS)
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./kernels
