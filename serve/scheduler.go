@@ -93,6 +93,9 @@ type scheduler struct {
 	controlCh chan func()
 	loadCh    chan loadResult
 	queued    atomic.Int64 // requests submitted but not admitted
+	// resident is a snapshot of the resident adapters for HTTP handlers,
+	// refreshed by the scheduler so they never wait for a step.
+	resident atomic.Pointer[map[adapters.Key]bool]
 	waiting   []*request
 	active    []*sequence
 	freeSlots []int
@@ -133,23 +136,18 @@ func (s *scheduler) submit(r *request) error {
 	}
 }
 
-// do runs f on the scheduler goroutine and waits for it.
-func (s *scheduler) do(f func()) {
-	done := make(chan struct{})
-	select {
-	case s.controlCh <- func() { f(); close(done) }:
-		<-done
-	case <-s.stopped:
-	}
-}
-
-// drop unloads an unregistered adapter (now, or when its last request ends).
+// drop unloads an unregistered adapter (now, or when its last request
+// ends). It does not wait for the scheduler: the registry has already
+// stopped handing the adapter out.
 func (s *scheduler) drop(k adapters.Key) {
-	s.do(func() {
+	select {
+	case s.controlCh <- func() {
 		s.res.Drop(k)
 		delete(s.failed, k)
 		s.updateGauges()
-	})
+	}:
+	case <-s.stopped:
+	}
 }
 
 // run is the engine loop; it returns when ctx ends, failing what is left.
@@ -521,15 +519,17 @@ func (s *scheduler) updateGauges() {
 		used += q.pos
 	}
 	s.m.kvUsed.Set(float64(used))
+	snap := make(map[adapters.Key]bool, s.res.Len())
+	for _, k := range s.res.Keys() {
+		snap[k] = true
+	}
+	s.resident.Store(&snap)
 }
 
-// residentKeys lists resident adapters (run on the scheduler goroutine).
+// residentKeys is the latest snapshot of the resident adapters.
 func (s *scheduler) residentKeys() map[adapters.Key]bool {
-	out := map[adapters.Key]bool{}
-	s.do(func() {
-		for _, k := range s.res.Keys() {
-			out[k] = true
-		}
-	})
-	return out
+	if p := s.resident.Load(); p != nil {
+		return *p
+	}
+	return map[adapters.Key]bool{}
 }
