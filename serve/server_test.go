@@ -275,3 +275,60 @@ func TestDisconnectFreesSlot(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestChunkedPrefillKeepsDecoding streams one completion, then submits a
+// long prompt on a server with a small prefill budget: the first stream
+// must keep receiving tokens while the long prompt is prefilled.
+func TestChunkedPrefillKeepsDecoding(t *testing.T) {
+	s := startServer(t, t.TempDir(), "--parallel", "2", "--ctx", "512", "--prefill-budget", "16")
+	streamTimes := func(body string, first chan<- time.Time, all *[]time.Time, done chan<- struct{}) {
+		resp, err := http.Post(s.URL+"/v1/completions", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Error(err)
+			close(done)
+			return
+		}
+		defer resp.Body.Close()
+		sc := bufio.NewScanner(resp.Body)
+		n := 0
+		for sc.Scan() {
+			if strings.HasPrefix(sc.Text(), "data: {") && strings.Contains(sc.Text(), `"text":"`) && !strings.Contains(sc.Text(), `"text":""`) {
+				now := time.Now()
+				if all != nil {
+					*all = append(*all, now)
+				}
+				if n == 0 && first != nil {
+					first <- now
+				}
+				n++
+			}
+		}
+		close(done)
+	}
+	var aTimes []time.Time
+	aFirst, aDone := make(chan time.Time, 1), make(chan struct{})
+	go streamTimes(`{"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 400, "stream": true, "ignore_eos": true}`, aFirst, &aTimes, aDone)
+	<-aFirst
+	long := strings.Repeat("The little dog ran to the park and played with a red ball. ", 14)
+	bSent := time.Now()
+	bFirst, bDone := make(chan time.Time, 1), make(chan struct{})
+	go streamTimes(`{"model": "stories260K", "prompt": "`+long+`", "max_tokens": 4, "stream": true}`, bFirst, nil, bDone)
+	var bAt time.Time
+	select {
+	case bAt = <-bFirst:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the long prompt never produced a token")
+	}
+	<-bDone
+	<-aDone
+	during := 0
+	for _, at := range aTimes {
+		if at.After(bSent) && at.Before(bAt) {
+			during++
+		}
+	}
+	t.Logf("the running stream got %d tokens while a ~%d-character prompt was prefilled 16 tokens per step", during, len(long))
+	if during < 10 {
+		t.Errorf("only %d tokens of the running stream during the prefill: prefill is stalling decode", during)
+	}
+}
