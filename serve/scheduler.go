@@ -95,7 +95,7 @@ type scheduler struct {
 	queued    atomic.Int64 // requests submitted but not admitted
 	// resident is a snapshot of the resident adapters for HTTP handlers,
 	// refreshed by the scheduler so they never wait for a step.
-	resident atomic.Pointer[map[adapters.Key]bool]
+	resident  atomic.Pointer[map[adapters.Key]bool]
 	waiting   []*request
 	active    []*sequence
 	freeSlots []int
