@@ -23,32 +23,29 @@ func newID(prefix string) string {
 	return prefix + hex.EncodeToString(b[:])
 }
 
-func (s *Server) completions(w http.ResponseWriter, r *http.Request) {
-	var req CompletionRequest
-	if err := decodeJSON(r.Body, &req); err != nil {
-		writeError(w, err)
-		return
-	}
-	p, err := req.params()
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	s.generate(w, r, p, "completions")
+// paramsRequest is a decoded request body that validates into genParams.
+type paramsRequest interface {
+	params() (*genParams, error)
 }
 
-func (s *Server) chatCompletions(w http.ResponseWriter, r *http.Request) {
-	var req ChatRequest
-	if err := decodeJSON(r.Body, &req); err != nil {
-		writeError(w, err)
-		return
+// generateHandler decodes a request of type R, validates it and generates.
+func generateHandler[R any, P interface {
+	*R
+	paramsRequest
+}](s *Server, endpoint string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		req := P(new(R))
+		if err := decodeJSON(r.Body, req); err != nil {
+			writeError(w, err)
+			return
+		}
+		p, err := req.params()
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		s.generate(w, r, p, endpoint)
 	}
-	p, err := req.params()
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	s.generate(w, r, p, "chat")
 }
 
 // resolveAdapters maps the model field and the adapters extension to

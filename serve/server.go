@@ -168,8 +168,8 @@ func (s *Server) routes() http.Handler {
 	r.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	r.Group(func(r chi.Router) {
 		r.Use(s.auth(false))
-		r.Post("/v1/chat/completions", s.chatCompletions)
-		r.Post("/v1/completions", s.completions)
+		r.Post("/v1/chat/completions", generateHandler[ChatRequest](s, "chat"))
+		r.Post("/v1/completions", generateHandler[CompletionRequest](s, "completions"))
 		r.Get("/v1/models", s.listModels)
 		r.Get("/v1/models/{name}", s.getModel)
 		r.Get("/v1/adapters", s.listAdapters)
