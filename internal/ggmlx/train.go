@@ -16,6 +16,7 @@ import (
 	"unsafe"
 
 	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/ml/backend/ggml"
 )
 
 // SetParam marks t as a trainable parameter of the graphs it enters.
@@ -45,43 +46,25 @@ type Graph struct {
 	loss    *C.struct_ggml_tensor
 	params  []*C.struct_ggml_tensor
 	grads   []*C.struct_ggml_tensor
-	one     ml.Tensor // the loss gradient seed (1.0), persistent
 	// ComputeBytes is the scheduler's compute buffer size for this graph
 	// (activations, gradients and temporaries), known after Compute.
 	ComputeBytes int
 }
 
-var (
-	seedMu  sync.Mutex
-	seedOne = map[ml.Backend]ml.Tensor{}
-)
-
-// lossSeed returns a persistent F32 scalar 1.0 on b: the gradient of the
-// loss with respect to itself.
-func lossSeed(b ml.Backend) ml.Tensor {
-	seedMu.Lock()
-	defer seedMu.Unlock()
-	if t, ok := seedOne[b]; ok {
-		return t
-	}
-	t := b.NewContextSize(1).Input().FromFloats([]float32{1}, 1)
-	seedOne[b] = t
-	return t
-}
-
-// NewGraph builds the graph computing loss. With params, it also builds the
-// backward pass and keeps every parameter's gradient for Grad. size bounds
-// the node count (forward and backward).
-func NewGraph(b ml.Backend, loss ml.Tensor, params []ml.Tensor, size int) (*Graph, error) {
+// NewGraph builds the graph computing loss, which was built in ctx. With
+// params, it also builds the backward pass and keeps every parameter's
+// gradient for Grad. size bounds the node count (forward and backward).
+func NewGraph(ctx ml.Context, loss ml.Tensor, params []ml.Tensor, size int) (*Graph, error) {
+	b := ml.Backend(*(**ggml.Backend)(contextB.ptr(unsafe.Pointer(ctx.(*ggml.Context)))))
 	EnsureGraphNodes(b, size)
 	grads := len(params) > 0
 	mem := C.size_t(size)*C.ggml_tensor_overhead() + C.ggml_graph_overhead_custom(C.size_t(size), C._Bool(grads))
-	ctx := C.ggml_init(C.struct_ggml_init_params{mem_size: mem, no_alloc: true})
-	if ctx == nil {
+	gctx := C.ggml_init(C.struct_ggml_init_params{mem_size: mem, no_alloc: true})
+	if gctx == nil {
 		return nil, errors.New("ggmlx: cannot allocate a graph context")
 	}
-	g := &Graph{backend: b, ctx: ctx, loss: rawTensor(loss)}
-	g.g = C.ggml_new_graph_custom(ctx, C.size_t(size), C._Bool(grads))
+	g := &Graph{backend: b, ctx: gctx, loss: rawTensor(loss)}
+	g.g = C.ggml_new_graph_custom(gctx, C.size_t(size), C._Bool(grads))
 	C.ggml_set_output(g.loss)
 	if grads {
 		C.ggml_set_loss(g.loss)
@@ -95,18 +78,17 @@ func NewGraph(b ml.Backend, loss ml.Tensor, params []ml.Tensor, size int) (*Grap
 		g.Free()
 		return nil, errors.New("ggmlx: the loss must be the last node of the forward graph")
 	}
-	// Seed the loss gradient with a persistent 1.0 instead of an accumulator
-	// the allocator would have to initialise.
+	// Seed the loss gradient with an allocated 1.0 input instead of an
+	// accumulator the allocator would have to initialise.
 	accs := make([]*C.struct_ggml_tensor, n)
-	g.one = lossSeed(b)
-	accs[n-1] = rawTensor(g.one)
+	accs[n-1] = rawTensor(ctx.Input().FromFloats([]float32{1}, 1))
 	cAccs := (**C.struct_ggml_tensor)(C.malloc(C.size_t(n) * C.size_t(unsafe.Sizeof(uintptr(0)))))
 	defer C.free(unsafe.Pointer(cAccs))
 	copy(unsafe.Slice(cAccs, n), accs)
 	for _, p := range params {
 		g.params = append(g.params, rawTensor(p))
 	}
-	C.ggml_build_backward_expand(ctx, g.g, cAccs)
+	C.ggml_build_backward_expand(gctx, g.g, cAccs)
 	for _, p := range g.params {
 		grad := C.ggml_graph_get_grad(g.g, p)
 		if grad != nil {

@@ -289,7 +289,7 @@ func (t *Trainer) compute(b *batch, weight float64, ts []ml.Tensor, buf [][]floa
 	ctx := t.m.Backend().NewContextSize(size)
 	defer ctx.Close()
 	loss := lossGraph(ctx, t.m, newProjector(t.params), b, weight)
-	g, err := ggmlx.NewGraph(t.m.Backend(), loss, ts, size)
+	g, err := ggmlx.NewGraph(ctx, loss, ts, size)
 	if err != nil {
 		return 0, err
 	}
@@ -330,7 +330,7 @@ func EvalLoss(m *llama.Model, proj *projector, exs []*Example, batchSize int) (f
 		}
 		ctx := m.Backend().NewContextSize(size)
 		loss := lossGraph(ctx, m, proj, b, 1)
-		g, err := ggmlx.NewGraph(m.Backend(), loss, nil, size)
+		g, err := ggmlx.NewGraph(ctx, loss, nil, size)
 		if err != nil {
 			ctx.Close()
 			return 0, err
