@@ -332,3 +332,48 @@ func TestChunkedPrefillKeepsDecoding(t *testing.T) {
 		t.Errorf("only %d tokens of the running stream during the prefill: prefill is stalling decode", during)
 	}
 }
+
+// TestLRUEvictionUnderLoad serves five adapters with room for two resident:
+// concurrent requests must wait for pinned adapters rather than evict them,
+// every response must match its solo output, and evictions must show in
+// /metrics.
+func TestLRUEvictionUnderLoad(t *testing.T) {
+	dir := t.TempDir()
+	names := writeAdapters(t, dir, 5, 40)
+	s := startServer(t, dir, "--parallel", "4", "--max-resident", "2", "--cache-f32", "--ctx", "256")
+	want := map[string]string{}
+	for _, n := range names {
+		text, err := s.complete(t, n, "Once upon a time", 32, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[n] = text
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	for i := 0; i < 20; i++ {
+		n := names[i%len(names)]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got, err := s.complete(t, n, "Once upon a time", 32, nil)
+			if err != nil {
+				errs <- err
+			} else if got != want[n] {
+				errs <- fmt.Errorf("%s after eviction and reload: %q, want %q", n, got, want[n])
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if ev := s.metric(t, "sbora_adapter_evictions_total"); ev < 3 {
+		t.Errorf("sbora_adapter_evictions_total = %v with 5 adapters and 2 resident slots", ev)
+	}
+	if res := s.metric(t, "sbora_resident_adapters"); res > 2 {
+		t.Errorf("%v adapters resident, limit 2", res)
+	}
+	t.Logf("evictions %v, loads %v", s.metric(t, "sbora_adapter_evictions_total"), s.metric(t, "sbora_adapter_loads_total"))
+}
