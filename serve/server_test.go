@@ -377,3 +377,76 @@ func TestLRUEvictionUnderLoad(t *testing.T) {
 	}
 	t.Logf("evictions %v, loads %v", s.metric(t, "sbora_adapter_evictions_total"), s.metric(t, "sbora_adapter_loads_total"))
 }
+
+// TestStopSequencesAndSeeds checks stop sequences (plain and streaming: the
+// text ends right before the stop string, finish_reason "stop") and that a
+// seed makes sampled output reproducible.
+func TestStopSequencesAndSeeds(t *testing.T) {
+	s := startServer(t, t.TempDir(), "--ctx", "256")
+	full, err := s.complete(t, "stories260K", "Once upon a time", 40, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cut := strings.Index(full, "Lily")
+	if cut <= 0 {
+		t.Fatalf("greedy text %q lacks the stop word the test relies on", full)
+	}
+	status, body := s.do(t, "POST", "/v1/completions", map[string]any{"model": "stories260K", "prompt": "Once upon a time",
+		"max_tokens": 40, "temperature": 0, "stop": []string{"Lily", "never-there"}})
+	var resp struct {
+		Choices []struct {
+			Text         string `json:"text"`
+			FinishReason string `json:"finish_reason"`
+		} `json:"choices"`
+	}
+	if status != 200 || json.Unmarshal(body, &resp) != nil || resp.Choices[0].Text != full[:cut] || resp.Choices[0].FinishReason != "stop" {
+		t.Fatalf("stop: %d %s; want text %q", status, body, full[:cut])
+	}
+	// Streaming: the held-back tail never leaks the stop string.
+	req, _ := http.NewRequest("POST", s.URL+"/v1/completions", strings.NewReader(
+		`{"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "stop": "Lily", "stream": true}`))
+	req.Header.Set("Content-Type", "application/json")
+	r, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var streamed strings.Builder
+	finish := ""
+	sc := bufio.NewScanner(r.Body)
+	for sc.Scan() {
+		line := strings.TrimPrefix(sc.Text(), "data: ")
+		if !strings.HasPrefix(line, "{") {
+			continue
+		}
+		var chunk struct {
+			Choices []struct {
+				Text         string  `json:"text"`
+				FinishReason *string `json:"finish_reason"`
+			} `json:"choices"`
+		}
+		json.Unmarshal([]byte(line), &chunk)
+		streamed.WriteString(chunk.Choices[0].Text)
+		if chunk.Choices[0].FinishReason != nil {
+			finish = *chunk.Choices[0].FinishReason
+		}
+	}
+	r.Body.Close()
+	if streamed.String() != full[:cut] || finish != "stop" {
+		t.Fatalf("streamed %q (finish %q), want %q", streamed.String(), finish, full[:cut])
+	}
+	// Seeds.
+	sample := func(seed int) string {
+		text, err := s.complete(t, "stories260K", "Once upon a time", 40, map[string]any{"temperature": 1.0, "seed": seed})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return text
+	}
+	a, b, c := sample(42), sample(42), sample(43)
+	if a != b {
+		t.Errorf("same seed, different text:\n%q\n%q", a, b)
+	}
+	if a == c {
+		t.Errorf("seeds 42 and 43 sampled the same 40 tokens: %q", a)
+	}
+}
