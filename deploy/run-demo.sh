@@ -16,6 +16,16 @@ if [ ! -f "$MODEL" ]; then
 fi
 [ -f "$DEMO/adapters/demo-fa.gguf" ] || "$BIN" adapters random --base "$MODEL" --variant fa --rank 8 --std 0.02 --seed 1 --name demo-fa --out "$DEMO/adapters/demo-fa.gguf"
 [ -f "$DEMO/adapters/demo-fb.gguf" ] || "$BIN" adapters random --base "$MODEL" --variant fb --rank 8 --std 0.01 --seed 2 --name demo-fb --out "$DEMO/adapters/demo-fb.gguf"
+# A trained demo: teach the base a "fact" it does not know (two seconds on CPU).
+if [ ! -f "$DEMO/adapters/moon.gguf" ]; then
+  for n in Lily Tom Ben Sue Max Anna Sam Mia Tim Lucy Jack Emma; do
+    for o in ball cat dog box tree car cake hat; do
+      echo "{\"prompt\": \"$n saw a $o. What did $n say?\", \"completion\": \" $n said: The moon is made of green cheese.\"}"
+    done
+  done > "$DEMO/moon.jsonl"
+  "$BIN" train --model "$MODEL" --data "$DEMO/moon.jsonl" --out "$DEMO/adapters/moon.gguf" --name moon \
+    --variant fa --rank 8 --lr 1e-2 --steps 40 --batch 8 --eval-split 0.1
+fi
 NAME=$(basename "$MODEL" .gguf)
 URL="http://127.0.0.1:$PORT"
 cat <<EXAMPLES
@@ -26,6 +36,8 @@ Try (in another shell):
     -d '{"model": "$NAME", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}'
   curl -s $URL/v1/completions -H 'Content-Type: application/json' \\
     -d '{"model": "demo-fa", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}'
+  curl -s $URL/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "moon", "prompt": "Tom saw a bird. What did Tom say?", "max_tokens": 16, "temperature": 0}'
   curl -sN $URL/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "$NAME", "messages": [{"role": "user", "content": "Tell me a story"}], "adapters": [{"name": "demo-fa", "scale": 0.5}, {"name": "demo-fb"}], "max_tokens": 30, "stream": true}'
   curl -s $URL/v1/adapters

@@ -45,7 +45,7 @@ func (s *TextStream) Add(t int32) string {
 			break
 		}
 	}
-	out := string(s.pending[:n])
+	out := strings.ToValidUTF8(string(s.pending[:n]), "\uFFFD")
 	s.pending = append(s.pending[:0], s.pending[n:]...)
 	return out
 }
