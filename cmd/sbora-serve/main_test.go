@@ -146,6 +146,18 @@ func TestTrainCommand(t *testing.T) {
 	if _, stderr, err := run(t, "generate", "--model", model, "--adapter", out, "--prompt", "Hi", "--max-tokens", "4"); err != nil {
 		t.Fatalf("generate with the trained adapter: %v\n%s", err, stderr)
 	}
+	// serve registers adapter files exactly like this at start.
+	base, err := llama.ReadBase(model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg, err := adapters.NewRegistry(dir, base, "stories260K")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, err := reg.Register("trained", out, false); err != nil || e.Variant != adapters.FB || e.Rank != 4 {
+		t.Fatalf("the server's registry refuses the trained adapter: %+v %v", e, err)
+	}
 	os.WriteFile(data, []byte(lines[0]+"\n{\"prompt\": 1}\n"), 0o644)
 	if _, stderr, err := run(t, "train", "--model", model, "--data", data, "--out", out); err == nil || !strings.Contains(stderr, "data.jsonl:2:") {
 		t.Errorf("bad data line: %v %s", err, stderr)
