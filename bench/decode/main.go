@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/sbora-serve/sbora-serve/adapters"
@@ -65,28 +66,16 @@ func main() {
 	prompt, _ := m.Tokenizer.Encode("Once upon a time, there was a", true)
 	slotLen := len(prompt) + *tokens + 1
 
-	// llama.cpp baseline: one stream.
 	o, err := oracle.Open(*modelPath, nil, oracle.Options{Context: slotLen, Threads: *threads})
 	if err != nil {
 		fatal(err)
 	}
-	o.Greedy(prompt, 4) // warm up
-	start := time.Now()
-	if _, err := o.Greedy(prompt, *tokens); err != nil {
-		fatal(err)
-	}
-	ref := float64(*tokens) / time.Since(start).Seconds()
-	o.Close()
+	defer o.Close()
 
 	e, err := llama.NewEngine(m, llama.EngineOptions{Slots: *batch, SlotLen: slotLen, AdapterSlots: *batch, MaxRank: *rank})
 	if err != nil {
 		fatal(err)
 	}
-	single := func(uses []kernels.Use) float64 {
-		greedyStreams(e, prompt, 4, 1, uses) // warm up
-		return greedyStreams(e, prompt, *tokens, 1, uses)
-	}
-	ours := single(nil)
 	var res []*kernels.Resident
 	for i := 0; i < *batch; i++ {
 		a, err := adapters.NewRandom(m.AdapterBase, adapters.RandomOptions{Variant: adapters.FA, Rank: *rank, Seed: uint64(i + 1)})
@@ -99,11 +88,12 @@ func main() {
 		}
 		res = append(res, r)
 	}
-	withAdapter := single([]kernels.Use{{Adapter: res[0], Scale: 1}})
+	ref, ours, withAdapter := alternate(o, e, prompt, *tokens, []kernels.Use{{Adapter: res[0], Scale: 1}})
 	fmt.Printf("model %s (%d layers, %d wide), %d threads, %d decode tokens\n", filepath.Base(*modelPath), m.Params.Layers, m.Params.Embedding, *threads, *tokens)
+	fmt.Printf("  (single streams: medians of alternating decode steps)\n")
 	fmt.Printf("  llama.cpp          1 stream : %8.1f tok/s  (baseline)\n", ref)
 	fmt.Printf("  sbora-serve        1 stream : %8.1f tok/s  %.2fx llama.cpp\n", ours, ours/ref)
-	fmt.Printf("  sbora-serve FA r%-3d 1 stream : %8.1f tok/s  %.2fx llama.cpp\n", *rank, withAdapter, withAdapter/ref)
+	fmt.Printf("  sbora-serve FA r%-3d 1 stream : %8.1f tok/s  %.2fx llama.cpp, %.2fx base\n", *rank, withAdapter, withAdapter/ref, withAdapter/ours)
 
 	base := greedyStreams(e, prompt, *tokens, *batch, nil)
 	var perStream [][]kernels.Use
@@ -113,6 +103,47 @@ func main() {
 	distinct := greedyStreamsPer(e, prompt, *tokens, perStream)
 	fmt.Printf("  sbora-serve %3d streams, base           : %8.1f tok/s aggregate (baseline for the next line)\n", *batch, base)
 	fmt.Printf("  sbora-serve %3d streams, %3d FA adapters: %8.1f tok/s aggregate  %.2fx base\n", *batch, *batch, distinct, distinct/base)
+}
+
+// alternate decodes n tokens on three single streams, stepping them in
+// turn so all see the same machine: llama.cpp, our engine with the base,
+// and our engine with uses. It returns each one's tok/s from its median
+// decode step time.
+func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, n int, uses []kernels.Use) (ref, base, adapted float64) {
+	seqs := []llama.Seq{{Slot: 0, Tokens: prompt}, {Slot: 1, Tokens: prompt, Adapters: uses}}
+	times := [3][]time.Duration{}
+	logits, err := o.Prefill(prompt)
+	if err != nil {
+		fatal(err)
+	}
+	pos := len(prompt)
+	for step := 0; step <= n; step++ {
+		if step > 0 {
+			start := time.Now()
+			if logits, err = o.Decode(argmax(logits), pos); err != nil {
+				fatal(err)
+			}
+			times[2] = append(times[2], time.Since(start))
+			pos++
+		}
+		for i := range seqs {
+			start := time.Now()
+			res, err := e.Step([]llama.Seq{seqs[i]})
+			if err != nil {
+				fatal(err)
+			}
+			if step > 0 { // the prefill is not a decode step
+				times[i] = append(times[i], time.Since(start))
+			}
+			seqs[i].Pos += len(seqs[i].Tokens)
+			seqs[i].Tokens = []int32{argmax(res[0][0])}
+		}
+	}
+	med := func(d []time.Duration) float64 {
+		slices.Sort(d)
+		return 1 / d[len(d)/2].Seconds()
+	}
+	return med(times[2]), med(times[0]), med(times[1])
 }
 
 // greedyStreams decodes n tokens on k streams that all use uses.

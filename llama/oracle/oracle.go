@@ -227,3 +227,23 @@ func Argmax(v []float32) int32 {
 	}
 	return int32(best)
 }
+
+// Prefill clears the cache and evaluates tokens, returning the last
+// position's logits; Decode then evaluates one token at pos.
+func (o *Oracle) Prefill(tokens []int32) ([]float32, error) {
+	C.llama_memory_clear(C.llama_get_memory(o.ctx), true)
+	l, err := o.eval(tokens, 0, false)
+	if err != nil {
+		return nil, err
+	}
+	return l[0], nil
+}
+
+// Decode evaluates one token at position pos (after Prefill).
+func (o *Oracle) Decode(token int32, pos int) ([]float32, error) {
+	l, err := o.eval([]int32{token}, pos, false)
+	if err != nil {
+		return nil, err
+	}
+	return l[0], nil
+}
