@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"math"
 	"sort"
 	"strings"
@@ -396,15 +395,6 @@ func (a *Adapter) Save(path string, opts SaveOptions) error {
 		return err
 	}
 	return w.WriteFile(path)
-}
-
-// WriteTo writes the adapter file to out.
-func (a *Adapter) WriteTo(out io.Writer) (int64, error) {
-	w, err := a.Encode(SaveOptions{})
-	if err != nil {
-		return 0, err
-	}
-	return w.WriteTo(out)
 }
 
 func encodeIndex(idx []int32) []byte {

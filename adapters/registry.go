@@ -151,12 +151,6 @@ func (r *Registry) Get(name string) (*Entry, bool) {
 	return e, ok
 }
 
-// Current reports whether k is still the live registration of its name.
-func (r *Registry) Current(k Key) bool {
-	e, ok := r.Get(k.Name)
-	return ok && e.Gen == k.Gen
-}
-
 // Remove unregisters name and returns the removed entry.
 func (r *Registry) Remove(name string) (*Entry, error) {
 	r.mu.Lock()

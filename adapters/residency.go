@@ -62,19 +62,6 @@ func (r *Residency[H]) Acquire(k Key, load func() (H, error)) (H, error) {
 // Resident reports whether k is loaded.
 func (r *Residency[H]) Resident(k Key) bool { return r.lru.Contains(k) }
 
-// CanAdmit reports whether Acquire(k) could succeed without waiting.
-func (r *Residency[H]) CanAdmit(k Key) bool {
-	if r.lru.Contains(k) || r.lru.Len() < r.capacity {
-		return true
-	}
-	for _, res := range r.lru.Values() {
-		if res.pins == 0 {
-			return true
-		}
-	}
-	return false
-}
-
 // Release unpins k; a dropped adapter is unloaded with its last pin.
 func (r *Residency[H]) Release(k Key) {
 	res, ok := r.lru.Peek(k)
@@ -102,19 +89,8 @@ func (r *Residency[H]) Drop(k Key) {
 	r.unload(res.handle)
 }
 
-// Len is the number of resident adapters; Pinned of those in use.
+// Len is the number of resident adapters.
 func (r *Residency[H]) Len() int { return r.lru.Len() }
-
-// Pinned counts resident adapters held by requests.
-func (r *Residency[H]) Pinned() int {
-	n := 0
-	for _, res := range r.lru.Values() {
-		if res.pins > 0 {
-			n++
-		}
-	}
-	return n
-}
 
 // Keys lists resident adapters, least recently used first.
 func (r *Residency[H]) Keys() []Key { return r.lru.Keys() }

@@ -80,22 +80,6 @@ func NewBank(backend ml.Backend, base *adapters.Base, cfg Config) (*Bank, error)
 	}, nil
 }
 
-// Config returns the bank's sizing.
-func (b *Bank) Config() Config { return b.cfg }
-
-// Resident returns the adapters currently loaded.
-func (b *Bank) Resident() []*Resident {
-	var out []*Resident
-	for _, v := range []adapters.Variant{adapters.FA, adapters.FB, adapters.LoRA} {
-		for _, r := range b.slots[v] {
-			if r != nil {
-				out = append(out, r)
-			}
-		}
-	}
-	return out
-}
-
 // Free reports how many more adapters of variant v fit.
 func (b *Bank) Free(v adapters.Variant) int {
 	n := 0
@@ -158,27 +142,6 @@ func (b *Bank) Close() {
 		st.ctx.Close()
 	}
 	b.stacks = map[stackKey]*stack{}
-}
-
-// Bytes is the device memory the bank's stacks occupy.
-func (b *Bank) Bytes() int {
-	n := 0
-	for _, st := range b.stacks {
-		for _, t := range []ml.Tensor{st.idx, st.a, st.b} {
-			if t != nil {
-				n += elements(t) * 4
-			}
-		}
-	}
-	return n
-}
-
-func elements(t ml.Tensor) int {
-	n := 1
-	for _, d := range t.Shape() {
-		n *= d
-	}
-	return n
 }
 
 func (b *Bank) stackFor(v adapters.Variant, t adapters.Target) (*stack, error) {

@@ -30,7 +30,6 @@ type Engine struct {
 	Model *Model
 	Cache *Cache
 	Bank  *kernels.Bank
-	opts  EngineOptions
 }
 
 // NewEngine allocates the KV cache and the adapter bank.
@@ -60,11 +59,8 @@ func NewEngine(m *Model, opts EngineOptions) (*Engine, error) {
 		cache.close()
 		return nil, err
 	}
-	return &Engine{Model: m, Cache: cache, Bank: bank, opts: opts}, nil
+	return &Engine{Model: m, Cache: cache, Bank: bank}, nil
 }
-
-// Options returns the engine's sizing.
-func (e *Engine) Options() EngineOptions { return e.opts }
 
 // Close frees the cache and the adapter bank (not the model).
 func (e *Engine) Close() {

@@ -38,15 +38,6 @@ func newCache(m *Model, slots, slotLen int, dtype ml.DType) (c *Cache, err error
 	return c, nil
 }
 
-// Bytes is the cache's device memory.
-func (c *Cache) Bytes() int {
-	es := 4
-	if c.DType == ml.DTypeF16 {
-		es = 2
-	}
-	return 2 * len(c.keys) * c.kvDim * c.SlotLen * c.Slots * es
-}
-
 func (c *Cache) close() { c.ctx.Close() }
 
 // seqSpan is where one sequence's tokens sit in a step.

@@ -114,9 +114,6 @@ func NewGraph(ctx ml.Context, loss ml.Tensor, params []ml.Tensor, size int) (*Gr
 	return g, nil
 }
 
-// Nodes is the graph's node count.
-func (g *Graph) Nodes() int { return int(C.ggml_graph_n_nodes(g.g)) }
-
 // Compute runs the graph on the backend's scheduler.
 func (g *Graph) Compute() (err error) {
 	base := backendOf(g.backend)

@@ -96,26 +96,6 @@ func WriteAt(t ml.Tensor, offset int, data []byte) {
 	C.ggml_backend_tensor_set(rt, unsafe.Pointer(&data[0]), C.size_t(offset), C.size_t(len(data)))
 }
 
-// ReadAt copies len(data) bytes of t's backend memory from byte offset.
-func ReadAt(t ml.Tensor, offset int, data []byte) {
-	if len(data) == 0 {
-		return
-	}
-	rt := rawTensor(t)
-	if offset < 0 || offset+len(data) > int(C.ggml_nbytes(rt)) {
-		panic(fmt.Sprintf("ggmlx: read of %d bytes at %d outside a tensor of %d bytes", len(data), offset, C.ggml_nbytes(rt)))
-	}
-	C.ggml_backend_tensor_get(rt, unsafe.Pointer(&data[0]), C.size_t(offset), C.size_t(len(data)))
-}
-
-// Bytes returns all of t's data (t must be allocated, e.g. a weight).
-func Bytes(t ml.Tensor) []byte {
-	rt := rawTensor(t)
-	data := make([]byte, C.ggml_nbytes(rt))
-	ReadAt(t, 0, data)
-	return data
-}
-
 // TypeOf returns the ggml type number of t (matches gguf.TensorType).
 func TypeOf(t ml.Tensor) uint32 { return uint32(rawTensor(t)._type) }
 
@@ -148,9 +128,6 @@ func EnsureGraphNodes(b ml.Backend, n int) {
 	*sched = fresh
 	*maxNodes = n
 }
-
-// GraphNodes is the number of nodes one graph may hold on b.
-func GraphNodes(b ml.Backend) int { return *(*int)(backendMaxNodes.ptr(backendOf(b))) }
 
 // WriteFloats copies v into t (F32) starting at element offset.
 func WriteFloats(t ml.Tensor, offset int, v []float32) {
