@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -81,7 +82,7 @@ func TestRoundTrip(t *testing.T) {
 			}
 			for i, m := range a.Modules {
 				n := b.Modules[i]
-				if m.Target != n.Target || m.In != n.In || m.Out != n.Out || !equalInts(m.Index, n.Index) {
+				if m.Target != n.Target || m.In != n.In || m.Out != n.Out || !slices.Equal(m.Index, n.Index) {
 					t.Fatalf("%s %s: module header differs", v, m.Target)
 				}
 				for k := range m.A {
@@ -97,18 +98,6 @@ func TestRoundTrip(t *testing.T) {
 			}
 		}
 	}
-}
-
-func equalInts(a, b []int32) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // TestSBoRAHalvesLoRABytes checks the method's storage claim: an SBoRA
@@ -429,10 +418,10 @@ func containsIdx(idx []int32, x int) bool {
 
 func TestChooseIndices(t *testing.T) {
 	a, b := mustRandom(t, FA, 8, 1), mustRandom(t, FA, 8, 1)
-	if !equalInts(a.Modules[0].Index, b.Modules[0].Index) {
+	if !slices.Equal(a.Modules[0].Index, b.Modules[0].Index) {
 		t.Fatal("index choice is not reproducible for a seed")
 	}
-	if c := mustRandom(t, FA, 8, 2); equalInts(a.Modules[0].Index, c.Modules[0].Index) {
+	if c := mustRandom(t, FA, 8, 2); slices.Equal(a.Modules[0].Index, c.Modules[0].Index) {
 		t.Fatal("different seeds chose the same indices")
 	}
 	avoid := map[int32]bool{}

@@ -180,7 +180,7 @@ func TestMixedBatchEqualsAlone(t *testing.T) {
 			}
 			alone[i] = append(alone[i], res[0][0])
 			seq.Pos += len(seq.Tokens)
-			seq.Tokens = []int32{argmax(res[0][0])}
+			seq.Tokens = []int32{oracle.Argmax(res[0][0])}
 		}
 	}
 	// Together: one step for all prefills, then batched decode steps. Slots
@@ -204,7 +204,7 @@ func TestMixedBatchEqualsAlone(t *testing.T) {
 				t.Errorf("step %d sequence %d (%q): batched logits differ from alone by %.3g (max |logit| %.3g)", step, i, seqs[i].text, diff, scale)
 			}
 			batch[i].Pos += len(batch[i].Tokens)
-			batch[i].Tokens = []int32{argmax(want)}
+			batch[i].Tokens = []int32{oracle.Argmax(want)}
 		}
 	}
 	t.Logf("%d sequences × %d steps: worst |Δ|/max|logit| = %.2g", len(seqs), decodeSteps+1, worst)

@@ -10,6 +10,7 @@ import (
 	"github.com/sbora-serve/sbora-serve/internal/gguf"
 	"github.com/sbora-serve/sbora-serve/internal/testutil"
 	"github.com/sbora-serve/sbora-serve/llama/modelfile"
+	"github.com/sbora-serve/sbora-serve/llama/oracle"
 )
 
 func TestMain(m *testing.M) {
@@ -104,16 +105,6 @@ func maxAbs(a, b [][]float32) (diff, scale float64) {
 	return diff, scale
 }
 
-func argmax(v []float32) int32 {
-	best := 0
-	for i := range v {
-		if v[i] > v[best] {
-			best = i
-		}
-	}
-	return int32(best)
-}
-
 // greedy generates n tokens after prompt in slot 0.
 func greedy(t testing.TB, e *Engine, prompt []int32, n int, uses ...Seq) []int32 {
 	t.Helper()
@@ -127,7 +118,7 @@ func greedy(t testing.TB, e *Engine, prompt []int32, n int, uses ...Seq) []int32
 		if err != nil {
 			t.Fatal(err)
 		}
-		next := argmax(res[0][0])
+		next := oracle.Argmax(res[0][0])
 		out = append(out, next)
 		seq.Pos += len(seq.Tokens)
 		seq.Tokens = []int32{next}

@@ -2,6 +2,7 @@ package llama
 
 import (
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/sbora-serve/sbora-serve/internal/testutil"
@@ -20,7 +21,7 @@ func promptTokens(t *testing.T, m *Model, o *oracle.Oracle, n int) []int32 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !equalTokens(ours, theirs) {
+	if !slices.Equal(ours, theirs) {
 		t.Fatalf("tokenizers disagree:\n ours   %v\n llama.cpp %v", ours, theirs)
 	}
 	if len(ours) < n {
@@ -58,7 +59,7 @@ func compareWithOracle(t *testing.T, path string, tol float64) {
 		t.Fatal(err)
 	}
 	gotText := greedy(t, e, prompt, 64)
-	if !equalTokens(gotText, wantText) {
+	if !slices.Equal(gotText, wantText) {
 		t.Errorf("greedy continuation differs from llama.cpp:\n ours      %v\n llama.cpp %v", gotText, wantText)
 	}
 }

@@ -2,6 +2,7 @@ package llama
 
 import (
 	"math"
+	"slices"
 	"testing"
 )
 
@@ -48,7 +49,7 @@ func TestSampler(t *testing.T) {
 		return out
 	}
 	a, b, c := draw(7), draw(7), draw(8)
-	if !equalTokens(a, b) || equalTokens(a, c) {
+	if !slices.Equal(a, b) || slices.Equal(a, c) {
 		t.Fatal("seeded sampling is not reproducible (or ignores the seed)")
 	}
 	// Temperature sampling follows softmax(logits / T).

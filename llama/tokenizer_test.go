@@ -2,6 +2,7 @@ package llama
 
 import (
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -44,21 +45,9 @@ func TestTokenizerMatchesLlamaCpp(t *testing.T) {
 		if err != nil {
 			t.Fatalf("pair %d %q: %v", i, text, err)
 		}
-		if !equalTokens(got, want) {
+		if !slices.Equal(got, want) {
 			t.Errorf("pair %d %q:\n got  %v\n want %v", i, text, got, want)
 		}
 	}
 	t.Logf("%d tokenizer pairs match", len(inputs))
-}
-
-func equalTokens(a, b []int32) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

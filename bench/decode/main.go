@@ -120,7 +120,7 @@ func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, n int, uses []
 	for step := 0; step <= n; step++ {
 		if step > 0 {
 			start := time.Now()
-			if logits, err = o.Decode(argmax(logits), pos); err != nil {
+			if logits, err = o.Decode(oracle.Argmax(logits), pos); err != nil {
 				fatal(err)
 			}
 			times[2] = append(times[2], time.Since(start))
@@ -136,7 +136,7 @@ func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, n int, uses []
 				times[i] = append(times[i], time.Since(start))
 			}
 			seqs[i].Pos += len(seqs[i].Tokens)
-			seqs[i].Tokens = []int32{argmax(res[0][0])}
+			seqs[i].Tokens = []int32{oracle.Argmax(res[0][0])}
 		}
 	}
 	med := func(d []time.Duration) float64 {
@@ -171,23 +171,13 @@ func greedyStreamsPer(e *llama.Engine, prompt []int32, n int, uses [][]kernels.U
 	for step := 0; step < n; step++ {
 		for i := range seqs {
 			seqs[i].Pos += len(seqs[i].Tokens)
-			seqs[i].Tokens = []int32{argmax(res[i][0])}
+			seqs[i].Tokens = []int32{oracle.Argmax(res[i][0])}
 		}
 		if res, err = e.Step(seqs); err != nil {
 			fatal(err)
 		}
 	}
 	return float64(n*k) / time.Since(start).Seconds()
-}
-
-func argmax(v []float32) int32 {
-	best := 0
-	for i := range v {
-		if v[i] > v[best] {
-			best = i
-		}
-	}
-	return int32(best)
 }
 
 // fatal reports err and exits. (log.Fatal would be swallowed: slog's
