@@ -156,34 +156,37 @@ func (s *scheduler) run(ctx context.Context) {
 	for {
 		s.reap()
 		s.admit()
-		if len(s.active) == 0 {
+		s.updateGauges()
+		if len(s.active) > 0 {
+			s.step()
+		} else if !s.wait(ctx) {
 			// Nothing to compute (waiting requests, if any, need adapter
-			// files still being read): sleep until something arrives.
-			s.updateGauges()
-			select {
-			case r := <-s.submitCh:
-				s.enqueue(r)
-			case f := <-s.controlCh:
-				f()
-			case l := <-s.loadCh:
-				s.loaded(l)
-			case <-ctx.Done():
-				s.shutdown()
-				return
-			}
+			// files still being read) and ctx ended while sleeping.
+			s.shutdown()
+			return
 		}
 		s.drain()
 		if ctx.Err() != nil {
 			s.shutdown()
 			return
 		}
-		s.reap()
-		s.admit()
-		s.updateGauges()
-		if len(s.active) > 0 {
-			s.step()
-		}
 	}
+}
+
+// wait sleeps until a submission, a control call or a finished load
+// arrives and handles it; it reports false when ctx ends first.
+func (s *scheduler) wait(ctx context.Context) bool {
+	select {
+	case r := <-s.submitCh:
+		s.enqueue(r)
+	case f := <-s.controlCh:
+		f()
+	case l := <-s.loadCh:
+		s.loaded(l)
+	case <-ctx.Done():
+		return false
+	}
+	return true
 }
 
 func (s *scheduler) enqueue(r *request) { s.waiting = append(s.waiting, r) }
