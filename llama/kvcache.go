@@ -166,8 +166,8 @@ type cachedAttention struct {
 
 type boundGroup struct {
 	attnGroup
-	qRows ml.Tensor
-	mask  ml.Tensor
+	qRowsT ml.Tensor // the group's qRows and mask as inputs of the step
+	maskT  ml.Tensor
 }
 
 func (c *Cache) bind(ctx ml.Context, m *Model, p *attentionPlan) *cachedAttention {
@@ -176,8 +176,8 @@ func (c *Cache) bind(ctx ml.Context, m *Model, p *attentionPlan) *cachedAttentio
 	for _, g := range p.groups {
 		a.groups = append(a.groups, boundGroup{
 			attnGroup: g,
-			qRows:     ctx.Input().FromInts(g.qRows, len(g.qRows)),
-			mask:      ctx.Input().FromBytes(ml.DTypeF16, g.mask, g.kvLen, g.q, 1, g.nSlots),
+			qRowsT:    ctx.Input().FromInts(g.qRows, len(g.qRows)),
+			maskT:     ctx.Input().FromBytes(ml.DTypeF16, g.mask, g.kvLen, g.q, 1, g.nSlots),
 		})
 	}
 	if p.outRows != nil {
@@ -199,10 +199,10 @@ func (a *cachedAttention) Attend(ctx ml.Context, layer int, q, k, v ml.Tensor) m
 	qFlat := q.Reshape(ctx, cfg.QDim(), T)
 	var out ml.Tensor
 	for _, g := range a.groups {
-		qg := qFlat.Rows(ctx, g.qRows).Reshape(ctx, cfg.HeadDim, cfg.Heads, g.q, g.nSlots)
+		qg := qFlat.Rows(ctx, g.qRowsT).Reshape(ctx, cfg.HeadDim, cfg.Heads, g.q, g.nSlots)
 		kg := a.view(ctx, keys, g)
 		vg := a.view(ctx, values, g)
-		o := qg.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, kg, vg, g.mask, nil, nil, a.m.AttentionScale(), true)
+		o := qg.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, kg, vg, g.maskT, nil, nil, a.m.AttentionScale(), true)
 		o = o.Reshape(ctx, cfg.QDim(), g.q*g.nSlots)
 		if out == nil {
 			out = o

@@ -164,10 +164,14 @@ func (t *Trainer) examplesFor(s int) [][]*Example {
 	first := s * per
 	var out [][]*Example
 	var cur []*Example
+	orderEpoch, order := -1, []int(nil)
 	for k := 0; k < per; k++ {
 		i := first + k
 		epoch, pos := i/len(t.train), i%len(t.train)
-		cur = append(cur, t.train[t.order(epoch)[pos]])
+		if epoch != orderEpoch {
+			orderEpoch, order = epoch, t.order(epoch)
+		}
+		cur = append(cur, t.train[order[pos]])
 		if len(cur) == t.cfg.Batch {
 			out = append(out, cur)
 			cur = nil
