@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"fmt"
 	"math"
@@ -275,5 +276,47 @@ func TestAdapterTools(t *testing.T) {
 	}
 	if _, stderr, err := run(t, "adapters", "import", "--from", "../../adapters/testdata/torch/lora.safetensors", "--base", model, "--out", imported, "--alpha", "8"); err == nil || !strings.Contains(stderr, "lora_") {
 		t.Errorf("import onto a base of another shape: %v %s", err, stderr)
+	}
+}
+
+// TestTrainInterruptSavesCheckpoint sends SIGINT to a running train and
+// resumes from the checkpoint it leaves.
+func TestTrainInterruptSavesCheckpoint(t *testing.T) {
+	model := testutil.Shared(t, "models/stories260K.gguf")
+	dir := t.TempDir()
+	var lines []string
+	for _, n := range []string{"Lily", "Tom", "Ben", "Sue"} {
+		lines = append(lines, `{"text": "`+n+` saw a big red ball in the park and ran to it."}`)
+	}
+	data := filepath.Join(dir, "data.jsonl")
+	os.WriteFile(data, []byte(strings.Join(lines, "\n")+"\n"), 0o644)
+	out := filepath.Join(dir, "a.gguf")
+	cmd := exec.Command(binary, "train", "--model", model, "--data", data, "--out", out, "--steps", "100000", "--batch", "2")
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(stderr)
+	var log strings.Builder
+	for sc.Scan() {
+		log.WriteString(sc.Text() + "\n")
+		if strings.HasPrefix(sc.Text(), "step 1/") {
+			cmd.Process.Signal(os.Interrupt)
+			break
+		}
+	}
+	for sc.Scan() {
+		log.WriteString(sc.Text() + "\n")
+	}
+	if err := cmd.Wait(); err == nil || !strings.Contains(log.String(), "checkpoint saved, continue with --resume") {
+		t.Fatalf("interrupted train: %v\n%s", err, log.String())
+	}
+	ckpt := out + ".checkpoints"
+	if _, err := os.Stat(filepath.Join(ckpt, "latest")); err != nil {
+		t.Fatalf("no checkpoint after the interrupt: %v", err)
+	}
+	// Resuming a run of a different length is refused; the same run continues.
+	if _, stderr, err := run(t, "train", "--model", model, "--data", data, "--out", out, "--steps", "5", "--batch", "2", "--resume", ckpt); err == nil || !strings.Contains(stderr, "different run") {
+		t.Fatalf("resume with other --steps: %v %s", err, stderr)
 	}
 }

@@ -137,7 +137,10 @@ func runTrain(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	if err := tr.Run(ctx); err != nil {
-		if errors.Is(err, context.Canceled) && *ckptDir != "" {
+		if errors.Is(err, context.Canceled) {
+			if *ckptDir == "" {
+				*ckptDir = *out + ".checkpoints"
+			}
 			if err := tr.SaveCheckpoint(*ckptDir); err != nil {
 				return err
 			}
