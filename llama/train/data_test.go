@@ -2,8 +2,10 @@ package train
 
 import (
 	"fmt"
+	"math"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sbora-serve/sbora-serve/adapters"
 
@@ -130,3 +132,21 @@ type adaptersModule = adapters.Module
 func avoidList(a *adapters.Adapter) []*adapters.Adapter { return []*adapters.Adapter{a} }
 
 func fmt_(v []int32) string { return fmt.Sprint(v) }
+
+func TestProgressRendering(t *testing.T) {
+	var tty, plain strings.Builder
+	for step := 1; step <= 3; step++ {
+		ev := Event{Step: step, Steps: 3, Loss: 1.5, Elapsed: time.Duration(step) * time.Second, TokensPerS: 100, EvalLoss: math.NaN()}
+		if step == 3 {
+			ev.EvalLoss = 1.25
+		}
+		Progress(&tty, true)(ev)
+		Progress(&plain, false)(ev)
+	}
+	if !strings.Contains(tty.String(), "\r[################........] step 2/3") || !strings.Contains(tty.String(), "eval_loss 1.2500\x1b[K\n") {
+		t.Errorf("terminal progress: %q", tty.String())
+	}
+	if strings.Contains(plain.String(), "\r") || !strings.Contains(plain.String(), "step 1/3 loss 1.5000") || !strings.Contains(plain.String(), "step 3/3") {
+		t.Errorf("plain progress: %q", plain.String())
+	}
+}
