@@ -10,9 +10,12 @@ OLLAMA_DIR := $(shell $(GO) mod download github.com/ollama/ollama >/dev/null 2>&
 export CGO_ENABLED := 1
 export CGO_CFLAGS := $(ARCH_FLAGS)
 export CGO_CXXFLAGS := $(ARCH_FLAGS)
-# ggml headers for internal/ggmlx; llama.cpp headers and a miniaudio stand-in
-# for the test oracle (llama/oracle).
-export CGO_CPPFLAGS := -I$(OLLAMA_DIR)/ml/backend/ggml/ggml/include -I$(OLLAMA_DIR)/llama/llama.cpp/include -I$(CURDIR)/llama/oracle/include
+# ggml headers (and its internal backend header) for internal/ggmlx; llama.cpp
+# headers and a miniaudio stand-in for the test oracle (llama/oracle).
+# GGML_USE_CPU_REPACK compiles ggml-cpu's weight repacking (its "extra buffer
+# types", on by default in llama.cpp's own build; ollama's cgo build leaves
+# them out), which both sbora-serve and the llama.cpp oracle use.
+export CGO_CPPFLAGS := -DGGML_USE_CPU_REPACK -I$(OLLAMA_DIR)/ml/backend/ggml/ggml/include -I$(OLLAMA_DIR)/ml/backend/ggml/ggml/src -I$(OLLAMA_DIR)/llama/llama.cpp/include -I$(CURDIR)/llama/oracle/include
 
 TEST_TIMEOUT ?= 40m
 PKGS := ./...

@@ -55,6 +55,9 @@ type ModuleWeights struct {
 	A []float32
 	// B is Out×r (FA, LoRA); nil for FB.
 	B []float32
+	// src locates the module's tensors in the file it was read from (nil
+	// for adapters made in memory).
+	src *moduleTensors
 }
 
 // Scale is alpha/rank, the factor on every update.
@@ -84,11 +87,21 @@ func (a *Adapter) Module(t Target) *ModuleWeights {
 	return nil
 }
 
-// Bytes is the size of the adapter's tensors in a file with F32 matrices.
+// Bytes is the size of the adapter's tensors in a native file with F16
+// matrices (the default): 4 bytes per index, 2 per matrix value.
 func (a *Adapter) Bytes() int {
 	n := 0
+	r := a.Rank
 	for _, m := range a.Modules {
-		n += 4 * (len(m.Index) + len(m.A) + len(m.B))
+		n += 4 * len(m.Index)
+		switch a.Variant {
+		case FA:
+			n += 2 * m.Out * r
+		case FB:
+			n += 2 * r * m.In
+		case LoRA:
+			n += 2 * r * (m.In + m.Out)
+		}
 	}
 	return n
 }
@@ -143,10 +156,16 @@ func (a *Adapter) Validate() error {
 		if m.In <= 0 || m.Out <= 0 {
 			return invalid("%s: bad shape %d→%d", m.Target, m.In, m.Out)
 		}
+		// A streamed module's matrices are read later; describe already
+		// checked their shapes against the rank.
+		streamed := m.src != nil && m.A == nil && m.B == nil
 		switch a.Variant {
 		case FA:
 			if err := checkIndex(m, m.In, "input column"); err != nil {
 				return err
+			}
+			if streamed {
+				break
 			}
 			if len(m.B) != m.Out*r || m.A != nil {
 				return invalid("%s: FA needs B of %d×%d and no A (have B of %d values, A of %d)", m.Target, m.Out, r, len(m.B), len(m.A))
@@ -155,12 +174,18 @@ func (a *Adapter) Validate() error {
 			if err := checkIndex(m, m.Out, "output row"); err != nil {
 				return err
 			}
+			if streamed {
+				break
+			}
 			if len(m.A) != r*m.In || m.B != nil {
 				return invalid("%s: FB needs A of %d×%d and no B (have A of %d values, B of %d)", m.Target, r, m.In, len(m.A), len(m.B))
 			}
 		case LoRA:
 			if m.Index != nil {
 				return invalid("%s: LoRA has no index vector", m.Target)
+			}
+			if streamed {
+				break
 			}
 			if len(m.A) != r*m.In || len(m.B) != m.Out*r {
 				return invalid("%s: LoRA needs A of %d×%d and B of %d×%d (have %d and %d values)", m.Target, r, m.In, m.Out, r, len(m.A), len(m.B))

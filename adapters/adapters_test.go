@@ -63,7 +63,7 @@ func TestRoundTrip(t *testing.T) {
 		for _, f16 := range []bool{false, true} {
 			a := mustRandom(t, v, 4, 1)
 			path := filepath.Join(t.TempDir(), "a.gguf")
-			if err := a.Save(path, SaveOptions{F16: f16}); err != nil {
+			if err := a.Save(path, SaveOptions{F32: !f16}); err != nil {
 				t.Fatal(err)
 			}
 			b, err := Load(path)

@@ -63,7 +63,33 @@ type moduleTensors struct {
 	idx, a, b *gguf.TensorInfo
 }
 
+// decode reads the whole adapter: its layout, then every matrix as float32.
 func decode(f *gguf.File) (*Adapter, error) {
+	a, err := describe(f)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range a.Modules {
+		if m.src.a != nil {
+			if m.A, err = readFloats(f, m.src.a); err != nil {
+				return nil, err
+			}
+		}
+		if m.src.b != nil {
+			if m.B, err = readFloats(f, m.src.b); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if err := a.validatePartial(); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// describe reads an adapter file's metadata, its modules' shapes and
+// indices, and where their matrices are; it reads no matrix.
+func describe(f *gguf.File) (*Adapter, error) {
 	kind, _ := f.KV.String(keyGeneralType)
 	if kind != "adapter" {
 		return nil, invalid("general.type is %q, want \"adapter\" (is this a base model?)", kind)
@@ -132,7 +158,7 @@ func decode(f *gguf.File) (*Adapter, error) {
 		if target.Layer >= maxAdapterLayer {
 			return nil, invalid("%s: layer %d out of range", weight, target.Layer)
 		}
-		m := &ModuleWeights{Target: target}
+		m := &ModuleWeights{Target: target, src: g}
 		var r int
 		var err error
 		switch a.Variant {
@@ -144,7 +170,7 @@ func decode(f *gguf.File) (*Adapter, error) {
 				return nil, err
 			}
 			r = len(m.Index)
-			if m.B, m.Out, err = readMatrix(f, g.b, r, true); err != nil {
+			if m.Out, err = matrixShape(g.b, r, true); err != nil {
 				return nil, err
 			}
 		case FB:
@@ -155,7 +181,7 @@ func decode(f *gguf.File) (*Adapter, error) {
 				return nil, err
 			}
 			r = len(m.Index)
-			if m.A, m.In, err = readMatrix(f, g.a, r, false); err != nil {
+			if m.In, err = matrixShape(g.a, r, false); err != nil {
 				return nil, err
 			}
 		case LoRA:
@@ -165,11 +191,11 @@ func decode(f *gguf.File) (*Adapter, error) {
 			if len(g.a.Shape) != 2 {
 				return nil, invalid("%s: %s must be 2-D", weight, suffixLoRAA)
 			}
-			r = int(g.a.Shape[1])
-			if m.A, m.In, err = readMatrix(f, g.a, r, false); err != nil {
+			r = int(min(g.a.Shape[1], maxAdapterRank+1))
+			if m.In, err = matrixShape(g.a, r, false); err != nil {
 				return nil, err
 			}
-			if m.B, m.Out, err = readMatrix(f, g.b, r, true); err != nil {
+			if m.Out, err = matrixShape(g.b, r, true); err != nil {
 				return nil, err
 			}
 		}
@@ -200,11 +226,66 @@ func decode(f *gguf.File) (*Adapter, error) {
 	}
 	a.Alpha = float32(alpha)
 	a.sortModules()
-	// Shapes of the fixed side may be unknown until Resolve; check the rest.
-	if err := a.validatePartial(); err != nil {
+	return a, nil
+}
+
+// Reader streams an adapter's matrices from its file as stored (F32, F16
+// or BF16), so the server can copy them into device memory without making
+// float32 copies first. Its Adapter has every module's shape and indices
+// but no A or B; values are checked (finite) by whoever converts them.
+type Reader struct {
+	Adapter *Adapter
+	f       *gguf.File
+	path    string
+}
+
+// OpenReader opens an adapter file for streaming.
+func OpenReader(path string) (*Reader, error) {
+	f, err := gguf.Open(path)
+	if err != nil {
 		return nil, err
 	}
-	return a, nil
+	a, err := describe(f)
+	if err == nil {
+		err = a.validatePartial()
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &Reader{Adapter: a, f: f, path: path}, nil
+}
+
+// Close closes the file.
+func (r *Reader) Close() error { return r.f.Close() }
+
+// RawMatrix is a module matrix as stored: rows of Cols values of Type, in
+// PyTorch orientation (FA's and LoRA's B is Out×r, FB's and LoRA's A r×In).
+type RawMatrix struct {
+	Type       gguf.TensorType
+	Rows, Cols int
+	Data       []byte
+}
+
+// ReadMatrix reads module m's B (b) or A (!b) into buf, reusing it when
+// large enough.
+func (r *Reader) ReadMatrix(m *ModuleWeights, b bool, buf []byte) (RawMatrix, error) {
+	t := m.src.a
+	if b {
+		t = m.src.b
+	}
+	if t == nil {
+		return RawMatrix{}, fmt.Errorf("%s: %s has no %s matrix", r.path, m.Target, map[bool]string{true: "B", false: "A"}[b])
+	}
+	n := int(t.Size())
+	if cap(buf) < n {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := r.f.TensorReader(*t).ReadAt(buf, 0); err != nil {
+		return RawMatrix{}, fmt.Errorf("%s: reading %s: %w", r.path, t.Name, err)
+	}
+	return RawMatrix{Type: t.Type, Rows: int(t.Shape[1]), Cols: int(t.Shape[0]), Data: buf}, nil
 }
 
 // validatePartial validates what it can before the base is known: the
@@ -263,38 +344,51 @@ func readIndex(f *gguf.File, t *gguf.TensorInfo) ([]int32, error) {
 	return idx, nil
 }
 
-// readMatrix reads a 2-D F32/F16 tensor whose rank-side dimension must be r.
-// rankFirst: ggml shape [r, n] (PyTorch n×r), else [n, r] (PyTorch r×n).
-// It returns the values row-major in PyTorch orientation and n.
-func readMatrix(f *gguf.File, t *gguf.TensorInfo, r int, rankFirst bool) ([]float32, int, error) {
+// matrixShape checks a 2-D F32/F16/BF16 matrix tensor whose rank-side
+// dimension must be r and returns its other dimension. rankFirst: ggml
+// shape [r, n] (PyTorch n×r), else [n, r] (PyTorch r×n).
+func matrixShape(t *gguf.TensorInfo, r int, rankFirst bool) (int, error) {
 	if len(t.Shape) != 2 {
-		return nil, 0, invalid("%s must be 2-D (is %v)", t.Name, t.Shape)
+		return 0, invalid("%s must be 2-D (is %v)", t.Name, t.Shape)
 	}
 	rd, nd := t.Shape[1], t.Shape[0]
 	if rankFirst {
 		rd, nd = t.Shape[0], t.Shape[1]
 	}
 	if int(rd) != r || r <= 0 || r > maxAdapterRank {
-		return nil, 0, invalid("%s has shape %v: its rank dimension is %d, want %d", t.Name, t.Shape, rd, r)
+		return 0, invalid("%s has shape %v: its rank dimension is %d, want %d", t.Name, t.Shape, rd, r)
 	}
 	if nd > math.MaxInt32 {
-		return nil, 0, invalid("%s has shape %v", t.Name, t.Shape)
+		return 0, invalid("%s has shape %v", t.Name, t.Shape)
 	}
-	if t.Type != gguf.TypeF32 && t.Type != gguf.TypeF16 {
-		return nil, 0, invalid("%s has type %s, want F32 or F16", t.Name, t.Type)
+	if t.Type != gguf.TypeF32 && t.Type != gguf.TypeF16 && t.Type != gguf.TypeBF16 {
+		return 0, invalid("%s has type %s, want F32, F16 or BF16", t.Name, t.Type)
 	}
+	return int(nd), nil
+}
+
+// readFloats reads a matrix tensor as float32, row-major in PyTorch
+// orientation (which is ggml's storage order).
+func readFloats(f *gguf.File, t *gguf.TensorInfo) ([]float32, error) {
 	data, err := f.ReadTensor(*t)
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
-	return decodeFloats(data, t.Type), int(nd), nil
+	return decodeFloats(data, t.Type), nil
 }
 
 func decodeFloats(data []byte, t gguf.TensorType) []float32 {
-	if t == gguf.TypeF16 {
+	switch t {
+	case gguf.TypeF16:
 		out := make([]float32, len(data)/2)
 		for i := range out {
 			out[i] = float16.Frombits(binary.LittleEndian.Uint16(data[2*i:])).Float32()
+		}
+		return out
+	case gguf.TypeBF16:
+		out := make([]float32, len(data)/2)
+		for i := range out {
+			out[i] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(data[2*i:])) << 16)
 		}
 		return out
 	}
@@ -322,8 +416,9 @@ func encodeFloats(v []float32, t gguf.TensorType) []byte {
 
 // SaveOptions control how an adapter is written.
 type SaveOptions struct {
-	// F16 stores the trainable matrices as F16 instead of F32.
-	F16 bool
+	// F32 stores the trainable matrices as F32 instead of F16 (training
+	// checkpoints, which must resume bit for bit, and exactness tests).
+	F32 bool
 }
 
 // Encode returns the adapter as a GGUF writer.
@@ -354,9 +449,9 @@ func (a *Adapter) Encode(opts SaveOptions) (*gguf.Writer, error) {
 	if a.BaseFingerprint != "" {
 		w.KV.Set(keyFingerprint, a.BaseFingerprint)
 	}
-	ft := gguf.TypeF32
-	if opts.F16 {
-		ft = gguf.TypeF16
+	ft := gguf.TypeF16
+	if opts.F32 {
+		ft = gguf.TypeF32
 	}
 	r := uint64(a.Rank)
 	for _, m := range a.Modules {

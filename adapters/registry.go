@@ -44,8 +44,18 @@ type Registry struct {
 	dir      string // absolute, symlinks resolved
 	base     *Base
 	reserved map[string]bool
+	maxRank  int
 	entries  map[string]*Entry
 	gen      uint64
+}
+
+// RegistryOptions configure a Registry.
+type RegistryOptions struct {
+	// Reserved names (the base model's) are refused.
+	Reserved []string
+	// MaxRank refuses adapters of a higher rank (0: no limit): the server
+	// could never load them.
+	MaxRank int
 }
 
 // Errors a caller maps to HTTP statuses.
@@ -59,8 +69,8 @@ var (
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$`)
 
 // NewRegistry returns a registry of files under dir (created if missing)
-// for adapters of base. Names in reserved (the base model's) are refused.
-func NewRegistry(dir string, base *Base, reserved ...string) (*Registry, error) {
+// for adapters of base.
+func NewRegistry(dir string, base *Base, opts RegistryOptions) (*Registry, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
@@ -71,8 +81,8 @@ func NewRegistry(dir string, base *Base, reserved ...string) (*Registry, error) 
 	if abs, err = filepath.EvalSymlinks(abs); err != nil {
 		return nil, err
 	}
-	r := &Registry{dir: abs, base: base, reserved: map[string]bool{}, entries: map[string]*Entry{}}
-	for _, n := range reserved {
+	r := &Registry{dir: abs, base: base, reserved: map[string]bool{}, maxRank: opts.MaxRank, entries: map[string]*Entry{}}
+	for _, n := range opts.Reserved {
 		r.reserved[n] = true
 	}
 	return r, nil
@@ -88,6 +98,14 @@ func (r *Registry) CheckName(name string) error {
 	}
 	if r.reserved[name] {
 		return fmt.Errorf("%w %q: it is the base model's name", ErrBadName, name)
+	}
+	return nil
+}
+
+// CheckRank refuses an adapter above the registry's maximum rank.
+func (r *Registry) CheckRank(a *Adapter) error {
+	if r.maxRank > 0 && a.Rank > r.maxRank {
+		return invalid("adapter has rank %d, above the server's maximum rank %d (--max-rank)", a.Rank, r.maxRank)
 	}
 	return nil
 }
@@ -128,6 +146,9 @@ func (r *Registry) Register(name, path string, replace bool) (*Entry, error) {
 		return nil, err
 	}
 	if err := a.Resolve(r.base); err != nil {
+		return nil, err
+	}
+	if err := r.CheckRank(a); err != nil {
 		return nil, err
 	}
 	e := &Entry{Name: name, Path: path, Variant: a.Variant, Rank: a.Rank, Alpha: a.Alpha, Targets: a.Targets(),

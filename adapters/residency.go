@@ -1,109 +1,159 @@
 package adapters
 
 import (
+	"container/list"
 	"errors"
 	"fmt"
-
-	"github.com/hashicorp/golang-lru/v2/simplelru"
 )
 
-// ErrNoSlot means every resident adapter is in use by a running request.
+// ErrNoSlot means every bank slot an adapter needs is held by adapters in
+// use by running requests.
 var ErrNoSlot = errors.New("all adapter slots are in use")
 
-// Residency keeps at most Capacity adapters loaded on the device, evicting
-// the least recently used one that no request holds. H is the device
-// handle the loader returns. Not safe for concurrent use: the engine's
-// goroutine owns it.
+// Residency tracks the adapters that hold slots of a bounded device bank:
+// those resident and ready, and those still being loaded. Ready adapters
+// that no request holds (pins) are kept in least-recently-used order and
+// evicted first. H is the bank's handle. Not safe for concurrent use: the
+// engine's goroutine owns it.
 type Residency[H any] struct {
-	lru      *simplelru.LRU[Key, *resident[H]]
-	unload   func(H)
-	capacity int
-	// Stats
+	entries map[Key]*residentEntry[H]
+	lru     *list.List // ready, unpinned or not, least recently used first
+	unload  func(H)
+	// Loads and Evictions count completed loads and evictions.
 	Loads, Evictions int
 }
 
-type resident[H any] struct {
+type residentEntry[H any] struct {
 	handle  H
+	ready   bool
 	pins    int
-	dropped bool // unregistered: unload when the last pin goes
+	dropped bool // unregistered: unload when the last pin goes (or the load ends)
+	elem    *list.Element
 }
 
-// NewResidency returns an empty residency of the given capacity.
-func NewResidency[H any](capacity int, unload func(H)) (*Residency[H], error) {
-	// The LRU is sized above capacity so that Add never evicts on its own:
-	// eviction must skip pinned adapters, which simplelru cannot know.
-	l, err := simplelru.NewLRU[Key, *resident[H]](capacity+1, nil)
-	if err != nil {
-		return nil, err
-	}
-	return &Residency[H]{lru: l, unload: unload, capacity: capacity}, nil
+// NewResidency returns an empty tracker; unload frees a handle's slots.
+func NewResidency[H any](unload func(H)) *Residency[H] {
+	return &Residency[H]{entries: map[Key]*residentEntry[H]{}, lru: list.New(), unload: unload}
 }
 
-// Acquire pins the adapter k, loading it with load when absent (evicting an
-// unpinned one if full). Every successful Acquire needs one Release.
-func (r *Residency[H]) Acquire(k Key, load func() (H, error)) (H, error) {
-	if res, ok := r.lru.Get(k); ok {
-		res.pins++
-		return res.handle, nil
-	}
-	var zero H
-	if r.lru.Len() >= r.capacity && !r.evictOne() {
-		return zero, ErrNoSlot
-	}
-	h, err := load()
-	if err != nil {
-		return zero, err
-	}
-	r.Loads++
-	r.lru.Add(k, &resident[H]{handle: h, pins: 1})
-	return h, nil
+// State reports whether k holds slots (present) and whether it is loaded.
+func (r *Residency[H]) State(k Key) (present, ready bool) {
+	e, ok := r.entries[k]
+	return ok, ok && e.ready
 }
 
-// Resident reports whether k is loaded.
-func (r *Residency[H]) Resident(k Key) bool { return r.lru.Contains(k) }
+// Handle returns k's handle, ready or loading.
+func (r *Residency[H]) Handle(k Key) (H, bool) {
+	e, ok := r.entries[k]
+	if !ok {
+		var zero H
+		return zero, false
+	}
+	return e.handle, true
+}
+
+// Pin marks a ready adapter as used by one more request and returns its
+// handle; every Pin needs one Release.
+func (r *Residency[H]) Pin(k Key) H {
+	e, ok := r.entries[k]
+	if !ok || !e.ready {
+		panic(fmt.Sprintf("adapters: pin of %v, which is not resident", k))
+	}
+	e.pins++
+	r.lru.MoveToBack(e.elem)
+	return e.handle
+}
 
 // Release unpins k; a dropped adapter is unloaded with its last pin.
 func (r *Residency[H]) Release(k Key) {
-	res, ok := r.lru.Peek(k)
-	if !ok {
-		panic(fmt.Sprintf("adapters: release of non-resident %v", k))
+	e, ok := r.entries[k]
+	if !ok || e.pins == 0 {
+		panic(fmt.Sprintf("adapters: release of %v, which is not pinned", k))
 	}
-	res.pins--
-	if res.pins == 0 && res.dropped {
-		r.lru.Remove(k)
-		r.unload(res.handle)
+	e.pins--
+	if e.pins == 0 && e.dropped {
+		r.remove(k, e)
 	}
 }
 
-// Drop unloads k now, or when the last request using it finishes.
-func (r *Residency[H]) Drop(k Key) {
-	res, ok := r.lru.Peek(k)
-	if !ok {
-		return
+// Loading records that k holds slots (handle h) while its data is loaded.
+func (r *Residency[H]) Loading(k Key, h H) {
+	if _, ok := r.entries[k]; ok {
+		panic(fmt.Sprintf("adapters: %v is already resident", k))
 	}
-	if res.pins > 0 {
-		res.dropped = true
-		return
-	}
-	r.lru.Remove(k)
-	r.unload(res.handle)
+	r.entries[k] = &residentEntry[H]{handle: h}
 }
 
-// Len is the number of resident adapters.
-func (r *Residency[H]) Len() int { return r.lru.Len() }
+// Loaded marks a loading adapter ready; it reports false (and unloads it)
+// when the adapter was dropped meanwhile.
+func (r *Residency[H]) Loaded(k Key) bool {
+	e, ok := r.entries[k]
+	if !ok || e.ready {
+		return false
+	}
+	if e.dropped {
+		r.remove(k, e)
+		return false
+	}
+	e.ready = true
+	e.elem = r.lru.PushBack(k)
+	r.Loads++
+	return true
+}
 
-// Keys lists resident adapters, least recently used first.
-func (r *Residency[H]) Keys() []Key { return r.lru.Keys() }
+// Failed forgets a loading adapter whose load failed, unloading it.
+func (r *Residency[H]) Failed(k Key) {
+	if e, ok := r.entries[k]; ok && !e.ready {
+		r.remove(k, e)
+	}
+}
 
-func (r *Residency[H]) evictOne() bool {
-	for _, k := range r.lru.Keys() {
-		res, _ := r.lru.Peek(k)
-		if res.pins == 0 {
-			r.lru.Remove(k)
-			r.unload(res.handle)
-			r.Evictions++
-			return true
+// Evict unloads the least recently used ready adapter that no request
+// holds, is not protected and helps (frees a slot the caller needs); it
+// reports whether it found one.
+func (r *Residency[H]) Evict(protected func(Key) bool, helps func(H) bool) bool {
+	for el := r.lru.Front(); el != nil; el = el.Next() {
+		k := el.Value.(Key)
+		e := r.entries[k]
+		if e.pins > 0 || protected(k) || !helps(e.handle) {
+			continue
 		}
+		r.remove(k, e)
+		r.Evictions++
+		return true
 	}
 	return false
+}
+
+// Drop unloads k now, or when its last request finishes or its load ends.
+func (r *Residency[H]) Drop(k Key) {
+	e, ok := r.entries[k]
+	if !ok {
+		return
+	}
+	if e.pins > 0 || !e.ready {
+		e.dropped = true
+		return
+	}
+	r.remove(k, e)
+}
+
+func (r *Residency[H]) remove(k Key, e *residentEntry[H]) {
+	if e.elem != nil {
+		r.lru.Remove(e.elem)
+	}
+	delete(r.entries, k)
+	r.unload(e.handle)
+}
+
+// Len is the number of adapters holding slots (ready or loading).
+func (r *Residency[H]) Len() int { return len(r.entries) }
+
+// Ready lists the ready adapters, least recently used first.
+func (r *Residency[H]) Ready() []Key {
+	out := make([]Key, 0, r.lru.Len())
+	for el := r.lru.Front(); el != nil; el = el.Next() {
+		out = append(out, el.Value.(Key))
+	}
+	return out
 }

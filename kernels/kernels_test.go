@@ -1,6 +1,8 @@
 package kernels
 
 import (
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -111,10 +113,14 @@ func (o *oneWeight) run(tb testing.TB, bank *Bank, x []float32, uses [][]Use) []
 // negative scale), and checks each token's output against float64 loops
 // over the dequantized weight: W·x + Σ scale·alpha/r·ΔW·x.
 func TestOpsMatchFloat64(t *testing.T) {
-	for _, typ := range []gguf.TensorType{gguf.TypeF32, gguf.TypeQ8_0, gguf.TypeQ4_0} {
-		t.Run(typ.String(), func(t *testing.T) {
+	for _, c := range []struct {
+		typ  gguf.TensorType
+		bank ml.DType
+	}{{gguf.TypeF32, ml.DTypeF32}, {gguf.TypeF32, ml.DTypeF16}, {gguf.TypeQ8_0, ml.DTypeF16}, {gguf.TypeQ4_0, ml.DTypeF16}, {gguf.TypeF32, ml.DTypeQ80}} {
+		typ := c.typ
+		t.Run(typ.String()+"/bank-"+bankName(c.bank), func(t *testing.T) {
 			o := newOneWeight(t, 96, 64, typ)
-			bank, err := NewBank(o.backend, o.base, Config{Slots: 6, MaxRank: 16})
+			bank, err := NewBank(o.backend, o.base, Config{Slots: 6, MaxRank: 32, DType: c.bank})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -170,6 +176,7 @@ func TestOpsMatchFloat64(t *testing.T) {
 			for tok, p := range plans {
 				xt := x[tok*o.in : (tok+1)*o.in]
 				want := make([]float64, o.out)
+				termL1 := make([]float64, o.out) // Σ|terms| of the adapter update
 				for r := 0; r < o.out; r++ {
 					for i := 0; i < o.in; i++ {
 						want[r] += float64(o.values[r*o.in+i]) * float64(xt[i])
@@ -180,6 +187,7 @@ func TestOpsMatchFloat64(t *testing.T) {
 					for r := 0; r < o.out; r++ {
 						for i := 0; i < o.in; i++ {
 							want[r] += d[r*o.in+i] * float64(xt[i])
+							termL1[r] += math.Abs(d[r*o.in+i] * float64(xt[i]))
 						}
 					}
 				}
@@ -187,59 +195,89 @@ func TestOpsMatchFloat64(t *testing.T) {
 					diff := math.Abs(float64(got[tok*o.out+r]) - want[r])
 					worst = max(worst, diff)
 					// Q8_0/Q4_0 matmuls quantize x to 8 bits; the adapter
-					// term itself is F32, so tolerances follow the base.
+					// term adds the bank's own rounding.
 					tol := 1e-5 * (1 + math.Abs(want[r]))
 					if typ != gguf.TypeF32 {
 						tol = 2e-2 * (1 + math.Abs(want[r]))
 					}
+					tol += bankTolerance(c.bank) * termL1[r]
 					if diff > tol {
 						t.Fatalf("token %d row %d: got %g, want %g", tok, r, got[tok*o.out+r], want[r])
 					}
 				}
 			}
-			t.Logf("%s: worst |Δ| %.2g over %d tokens", typ, worst, len(plans))
+			t.Logf("%s, %s bank: worst |Δ| %.2g over %d tokens", typ, bankName(c.bank), worst, len(plans))
 		})
 	}
 }
 
+// bankTolerance bounds the bank's rounding relative to the adapter term's
+// L1 norm (Σ|terms|): F16 stores matrices and products' inputs with 11
+// significant bits (LoRA rounds twice: A·x, then B·(A·x)), Q8_0 with 8.
+func bankTolerance(d ml.DType) float64 {
+	switch d {
+	case ml.DTypeF16:
+		return 2e-3
+	case ml.DTypeQ80:
+		return 2.5e-2
+	}
+	return 0
+}
+
+func bankName(d ml.DType) string {
+	return map[ml.DType]string{ml.DTypeF32: "F32", ml.DTypeF16: "F16", ml.DTypeQ80: "Q8_0"}[d]
+}
+
 // TestAdapterTermMatchesFloat64 isolates the adapter term (output minus the
-// base output) so quantized bases are held to F32 precision too.
+// base output) so quantized bases are held to the bank's precision: F32
+// banks to float32 accuracy, F16 and Q8_0 banks to their own rounding
+// (relative to the term's L1 norm); the measured errors are logged.
 func TestAdapterTermMatchesFloat64(t *testing.T) {
-	o := newOneWeight(t, 64, 48, gguf.TypeQ4_0)
-	bank, err := NewBank(o.backend, o.base, Config{Slots: 3, MaxRank: 8})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bank.Close()
-	var uses [][]Use
-	var as []*adapters.Adapter
-	for i, v := range []adapters.Variant{adapters.FA, adapters.FB, adapters.LoRA} {
-		a := o.randomAdapter(t, v, 8, uint64(10+i))
-		r, err := bank.Load(a)
-		if err != nil {
-			t.Fatal(err)
-		}
-		as = append(as, a)
-		uses = append(uses, []Use{{Adapter: r, Scale: 1}})
-	}
-	x := make([]float32, o.in*len(uses))
-	for i := range x {
-		x[i] = float32(math.Sin(float64(i)))
-	}
-	with := o.run(t, bank, x, uses)
-	without := o.run(t, bank, x, make([][]Use, len(uses)))
-	for tok, a := range as {
-		d := a.DeltaW(a.Modules[0], float64(a.Scale()))
-		for r := 0; r < o.out; r++ {
-			want := 0.0
-			for i := 0; i < o.in; i++ {
-				want += d[r*o.in+i] * float64(x[tok*o.in+i])
+	for _, d := range []ml.DType{ml.DTypeF32, ml.DTypeF16, ml.DTypeQ80} {
+		t.Run(bankName(d), func(t *testing.T) {
+			o := newOneWeight(t, 64, 48, gguf.TypeQ4_0)
+			bank, err := NewBank(o.backend, o.base, Config{Slots: 3, MaxRank: 32, DType: d})
+			if err != nil {
+				t.Fatal(err)
 			}
-			got := float64(with[tok*o.out+r] - without[tok*o.out+r])
-			if math.Abs(got-want) > 1e-5*(1+math.Abs(want)) {
-				t.Fatalf("%s token %d row %d: adapter term %g, want %g", a.Variant, tok, r, got, want)
+			defer bank.Close()
+			var uses [][]Use
+			var as []*adapters.Adapter
+			for i, v := range []adapters.Variant{adapters.FA, adapters.FB, adapters.LoRA} {
+				a := o.randomAdapter(t, v, 8, uint64(10+i))
+				r, err := bank.Load(a)
+				if err != nil {
+					t.Fatal(err)
+				}
+				as = append(as, a)
+				uses = append(uses, []Use{{Adapter: r, Scale: 1}})
 			}
-		}
+			x := make([]float32, o.in*len(uses))
+			for i := range x {
+				x[i] = float32(math.Sin(float64(i)))
+			}
+			with := o.run(t, bank, x, uses)
+			without := o.run(t, bank, x, make([][]Use, len(uses)))
+			worst := 0.0
+			for tok, a := range as {
+				dw := a.DeltaW(a.Modules[0], float64(a.Scale()))
+				for r := 0; r < o.out; r++ {
+					want, l1 := 0.0, 0.0
+					for i := 0; i < o.in; i++ {
+						want += dw[r*o.in+i] * float64(x[tok*o.in+i])
+						l1 += math.Abs(dw[r*o.in+i] * float64(x[tok*o.in+i]))
+					}
+					got := float64(with[tok*o.out+r] - without[tok*o.out+r])
+					if l1 > 0 {
+						worst = max(worst, math.Abs(got-want)/l1)
+					}
+					if math.Abs(got-want) > 1e-5*(1+math.Abs(want))+bankTolerance(d)*l1 {
+						t.Fatalf("%s token %d row %d: adapter term %g, want %g", a.Variant, tok, r, got, want)
+					}
+				}
+			}
+			t.Logf("%s bank: worst |Δ| / Σ|terms| of the adapter term = %.2g", bankName(d), worst)
+		})
 	}
 }
 
@@ -248,7 +286,7 @@ func TestAdapterTermMatchesFloat64(t *testing.T) {
 // to an unloaded adapter is an error.
 func TestBankSlots(t *testing.T) {
 	o := newOneWeight(t, 32, 32, gguf.TypeF32)
-	bank, err := NewBank(o.backend, o.base, Config{Slots: 2, MaxRank: 8})
+	bank, err := NewBank(o.backend, o.base, Config{Slots: 2, MaxRank: 8, DType: ml.DTypeF32})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -294,4 +332,132 @@ func TestBankSlots(t *testing.T) {
 			t.Fatalf("row %d: reused slot adds %g, want %g", r, got[r]-base[r], want)
 		}
 	}
+}
+
+// TestBankHalvesAreShared checks the slot budget: FA adapters take B halves
+// and FB adapters A halves, so a bank of n slots holds n of each at once;
+// a LoRA needs both halves, and Helps names the residents whose eviction
+// would make room for it.
+func TestBankHalvesAreShared(t *testing.T) {
+	o := newOneWeight(t, 32, 32, gguf.TypeF32)
+	bank, err := NewBank(o.backend, o.base, Config{Slots: 2, MaxRank: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bank.Close()
+	var fas, fbs []*Resident
+	for i := 0; i < 2; i++ {
+		fa, err := bank.Load(o.randomAdapter(t, adapters.FA, 4, uint64(1+i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fb, err := bank.Load(o.randomAdapter(t, adapters.FB, 4, uint64(3+i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fas, fbs = append(fas, fa), append(fbs, fb)
+	}
+	if bank.Free(adapters.FA) != 0 || bank.Free(adapters.FB) != 0 || bank.Free(adapters.LoRA) != 0 {
+		t.Fatalf("free after 2 FA + 2 FB in 2 slots: FA %d, FB %d, LoRA %d", bank.Free(adapters.FA), bank.Free(adapters.FB), bank.Free(adapters.LoRA))
+	}
+	lora := o.randomAdapter(t, adapters.LoRA, 4, 9)
+	if _, err := bank.Load(lora); !errors.Is(err, adapters.ErrNoSlot) {
+		t.Fatalf("LoRA into a full bank: %v", err)
+	}
+	if !bank.Helps(fas[0], adapters.LoRA) || !bank.Helps(fbs[0], adapters.LoRA) || bank.Helps(fas[0], adapters.FB) {
+		t.Fatal("Helps disagrees with the halves each variant needs")
+	}
+	bank.Unload(fas[0])
+	if _, err := bank.Load(lora); !errors.Is(err, adapters.ErrNoSlot) {
+		t.Fatalf("LoRA with only a B half free: %v", err)
+	}
+	bank.Unload(fbs[1])
+	if _, err := bank.Load(lora); err != nil {
+		t.Fatalf("LoRA with both halves free: %v", err)
+	}
+}
+
+// TestStreamedUploadEqualsMemory uploads an adapter streamed from its F16
+// file and the same adapter decoded into memory: the outputs are identical.
+// A file whose values are not finite fails to upload.
+func TestStreamedUploadEqualsMemory(t *testing.T) {
+	o := newOneWeight(t, 64, 48, gguf.TypeF32)
+	bank, err := NewBank(o.backend, o.base, Config{Slots: 4, MaxRank: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bank.Close()
+	dir := t.TempDir()
+	for i, v := range []adapters.Variant{adapters.FA, adapters.FB, adapters.LoRA} {
+		path := filepath.Join(dir, string(v)+".gguf")
+		if err := o.randomAdapter(t, v, 12, uint64(30+i)).Save(path, adapters.SaveOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		inMemory, err := adapters.Load(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mem, err := bank.Load(inMemory)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rd, err := adapters.OpenReader(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := rd.Adapter.Resolve(o.base); err != nil {
+			t.Fatal(err)
+		}
+		streamed, err := bank.Reserve(rd.Adapter.Name, rd.Adapter.Variant, rd.Adapter.Rank)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := streamed.Upload(rd.Adapter, rd); err != nil {
+			t.Fatal(err)
+		}
+		rd.Close()
+		bank.Activate(streamed)
+		x := make([]float32, o.in*2) // the same input for both tokens
+		for j := range x {
+			x[j] = float32(math.Cos(float64(j % o.in)))
+		}
+		got := o.run(t, bank, x, [][]Use{{{Adapter: mem, Scale: 1}}, {{Adapter: streamed, Scale: 1}}})
+		if !slices.Equal(got[:o.out], got[o.out:]) {
+			t.Fatalf("%s: streamed upload differs from the in-memory one", v)
+		}
+		bank.Unload(mem)
+		bank.Unload(streamed)
+	}
+	// A NaN in the file's B matrix: reading succeeds, uploading fails.
+	path := filepath.Join(dir, "nan.gguf")
+	if err := o.randomAdapter(t, adapters.FA, 4, 40).Save(path, adapters.SaveOptions{F32: true}); err != nil {
+		t.Fatal(err)
+	}
+	f, err := gguf.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, _ := f.Tensor("blk.0.attn_q.weight.sbora_b")
+	off := f.DataOffset + int64(info.Offset) + 4*5
+	f.Close()
+	raw, _ := os.ReadFile(path)
+	binary.LittleEndian.PutUint32(raw[off:], 0x7fc00000)
+	if err := os.WriteFile(path, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rd, err := adapters.OpenReader(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	rd.Adapter.Resolve(o.base)
+	res, err := bank.Reserve(rd.Adapter.Name, rd.Adapter.Variant, rd.Adapter.Rank)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nf ggmlx.ErrNonFinite
+	if err := res.Upload(rd.Adapter, rd); !errors.As(err, &nf) || nf.Index != 5 {
+		t.Fatalf("uploading a NaN: %v", err)
+	}
+	bank.Unload(res)
 }

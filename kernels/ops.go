@@ -2,39 +2,56 @@ package kernels
 
 import (
 	"github.com/ollama/ollama/ml"
+
+	"github.com/sbora-serve/sbora-serve/internal/ggmlx"
 )
 
 // Stack is the device tensors of one target module's adapter slots.
 type Stack struct {
 	In, Out int
-	Idx     ml.Tensor // I32 [maxRank, slots]
-	A       ml.Tensor // F32 [in, maxRank, slots]
-	B       ml.Tensor // F32 [maxRank, out, slots]
+	IdxA    ml.Tensor // I32 [maxRank, slots]: FB's output rows, per A slot
+	IdxB    ml.Tensor // I32 [maxRank, slots]: FA's input columns, per B slot
+	A       ml.Tensor // [in, maxRank, slots]  (F16, F32 or Q8_0)
+	B       ml.Tensor // [maxRank, out, slots] (F16, F32 or Q8_0)
+	// BBlock is the block size of B's rows: a view of the first r columns
+	// must cover whole blocks.
+	BBlock int
 }
 
-func (st *stack) tensors() Stack { return Stack{In: st.in, Out: st.out, Idx: st.idx, A: st.a, B: st.b} }
+func (st *stack) tensors() Stack {
+	blk, _ := ggmlx.TypeLayout(st.bType)
+	return Stack{In: st.in, Out: st.out, IdxA: st.idx[halfA], IdxB: st.idx[halfB], A: st.a, B: st.b, BBlock: blk}
+}
 
 // Op is one adapter application: a stack, the step's rank, and per-token
 // routing (slot ids and scales for `used` adapters per token).
 type Op struct {
 	Stack  Stack
 	Rank   int       // columns of each slot this step uses
-	IDs    ml.Tensor // I32 [used, T]
+	IDs    ml.Tensor // I32 [used, T]: FA's B slots, FB's and LoRA's A slots
 	IDsRow ml.Tensor // I32 [used*T]
+	IDsB   ml.Tensor // I32 [used, T]: LoRA's B slots
 	Scales ml.Tensor // F32 [1, used, T]
 }
 
 func (o Op) used() int   { return o.IDs.Dim(0) }
 func (o Op) tokens() int { return o.IDs.Dim(1) }
 
-// rankFor clamps the step rank to what the fixed side can hold: an SBoRA
-// module's indices are distinct, so its rank never exceeds limit.
-func rankFor(rank, limit int) int { return min(rank, limit) }
+// rankFor clamps the step rank to what the fixed side can hold (an SBoRA
+// module's indices are distinct, so its rank never exceeds limit) and
+// rounds it up to whole blocks of B's rows.
+func (o Op) rankFor(limit int) int {
+	r := min(o.Rank, limit)
+	if blk := o.Stack.BBlock; blk > 1 {
+		r = min((r+blk-1)/blk*blk, o.Stack.B.Dim(0))
+	}
+	return r
+}
 
 // tokenIndex gathers each token's index list: [r*used, T] I32.
-func (o Op) tokenIndex(ctx ml.Context, r int) ml.Tensor {
-	nSlots := o.Stack.Idx.Dim(1)
-	idx := o.Stack.Idx.View(ctx, 0, r, o.Stack.Idx.Stride(1), nSlots)
+func (o Op) tokenIndex(ctx ml.Context, table ml.Tensor, r int) ml.Tensor {
+	nSlots := table.Dim(1)
+	idx := table.View(ctx, 0, r, table.Stride(1), nSlots)
 	return idx.Rows(ctx, o.IDsRow).Reshape(ctx, r*o.used(), o.tokens())
 }
 
@@ -54,11 +71,11 @@ func (o Op) sumUsed(ctx ml.Context, y ml.Tensor, out int) ml.Tensor {
 // FA computes h + Σ scale·B_slot·x[idx_slot]. x is [in, T], h is [out, T].
 func (o Op) FA(ctx ml.Context, x, h ml.Tensor) ml.Tensor {
 	st := o.Stack
-	r := rankFor(o.Rank, st.In)
+	r := o.rankFor(st.In)
 	n, T := o.used(), o.tokens()
 	nSlots := st.B.Dim(2)
 	// x[idx]: rows of one element, batched per token.
-	xg := x.Reshape(ctx, 1, st.In, T).Rows(ctx, o.tokenIndex(ctx, r)).Reshape(ctx, r, n, T)
+	xg := x.Reshape(ctx, 1, st.In, T).Rows(ctx, o.tokenIndex(ctx, st.IdxB, r)).Reshape(ctx, r, n, T)
 	b := st.B.View(ctx, 0, r, st.B.Stride(1), st.Out, st.B.Stride(2), nSlots)
 	y := b.MulmatID(ctx, xg, o.IDs).Mul(ctx, o.Scales) // [out, used, T]
 	return h.Add(ctx, o.sumUsed(ctx, y, st.Out))
@@ -67,12 +84,12 @@ func (o Op) FA(ctx ml.Context, x, h ml.Tensor) ml.Tensor {
 // FB computes h with h[idx_slot] += scale·A_slot·x for each routed adapter.
 func (o Op) FB(ctx ml.Context, x, h ml.Tensor) ml.Tensor {
 	st := o.Stack
-	r := rankFor(o.Rank, st.Out)
+	r := min(o.Rank, st.Out)
 	n, T := o.used(), o.tokens()
 	nSlots := st.A.Dim(2)
 	a := st.A.View(ctx, 0, st.In, st.A.Stride(1), r, st.A.Stride(2), nSlots)
 	y := a.MulmatID(ctx, x.Reshape(ctx, st.In, 1, T), o.IDs).Mul(ctx, o.Scales) // [r, used, T]
-	idx := o.tokenIndex(ctx, r)                                                 // [r*used, T]
+	idx := o.tokenIndex(ctx, st.IdxA, r)                                        // [r*used, T]
 	h3 := h.Reshape(ctx, 1, st.Out, T)
 	// One adapter at a time: composed adapters may touch the same rows.
 	for k := 0; k < n; k++ {
@@ -87,12 +104,12 @@ func (o Op) FB(ctx ml.Context, x, h ml.Tensor) ml.Tensor {
 // LoRA computes h + Σ scale·B_slot·(A_slot·x).
 func (o Op) LoRA(ctx ml.Context, x, h ml.Tensor) ml.Tensor {
 	st := o.Stack
-	r := o.Rank
+	r := o.rankFor(o.Rank)
 	T := o.tokens()
 	nSlots := st.A.Dim(2)
 	a := st.A.View(ctx, 0, st.In, st.A.Stride(1), r, st.A.Stride(2), nSlots)
 	b := st.B.View(ctx, 0, r, st.B.Stride(1), st.Out, st.B.Stride(2), nSlots)
 	y := a.MulmatID(ctx, x.Reshape(ctx, st.In, 1, T), o.IDs) // [r, used, T]
-	z := b.MulmatID(ctx, y, o.IDs).Mul(ctx, o.Scales)        // [out, used, T]
+	z := b.MulmatID(ctx, y, o.IDsB).Mul(ctx, o.Scales)       // [out, used, T]
 	return h.Add(ctx, o.sumUsed(ctx, z, st.Out))
 }

@@ -27,7 +27,8 @@ type variantRoute struct {
 	variant adapters.Variant
 	used    int       // adapters per token (max over tokens)
 	rank    int       // largest rank among the used adapters
-	ids     []int32   // [used, tokens], slot 0 = none
+	ids     []int32   // [used, tokens]: FA's B slots, FB's and LoRA's A slots; 0 = none
+	idsB    []int32   // [used, tokens]: LoRA's B slots
 	scales  []float32 // [used, tokens]
 	targets map[adapters.Target]bool
 }
@@ -54,6 +55,9 @@ func (b *Bank) Route(uses [][]Use) (*Routing, error) {
 			continue
 		}
 		vr.ids = make([]int32, vr.used*len(uses))
+		if v == adapters.LoRA {
+			vr.idsB = make([]int32, vr.used*len(uses))
+		}
 		vr.scales = make([]float32, vr.used*len(uses))
 		for t, u := range uses {
 			k := 0
@@ -61,11 +65,15 @@ func (b *Bank) Route(uses [][]Use) (*Routing, error) {
 				if x.Adapter.variant != v {
 					continue
 				}
-				if b.slots[v][x.Adapter.slot] != x.Adapter {
-					return nil, fmt.Errorf("adapter %q is no longer resident", x.Adapter.Adapter.Name)
+				if !x.Adapter.active || x.Adapter.bank != b {
+					return nil, fmt.Errorf("adapter %q is not resident", x.Adapter.Adapter.Name)
 				}
-				vr.ids[t*vr.used+k] = int32(x.Adapter.slot)
-				vr.scales[t*vr.used+k] = x.Scale * x.Adapter.scale
+				i := t*vr.used + k
+				vr.ids[i] = int32(x.Adapter.Slot())
+				if v == adapters.LoRA {
+					vr.idsB[i] = int32(x.Adapter.slot[halfB])
+				}
+				vr.scales[i] = x.Scale * x.Adapter.scale
 				vr.rank = max(vr.rank, x.Adapter.rank)
 				for tg := range x.Adapter.targets {
 					vr.targets[tg] = true
@@ -102,6 +110,7 @@ type boundVariant struct {
 	*variantRoute
 	ids    ml.Tensor // I32 [used, T]
 	idsRow ml.Tensor // I32 [used*T] (same data)
+	idsB   ml.Tensor // I32 [used, T] (LoRA)
 	scales ml.Tensor // F32 [1, used, T]
 }
 
@@ -111,12 +120,16 @@ func (r *Routing) Bind(ctx ml.Context) *Bound {
 	b := &Bound{routing: r}
 	for _, vr := range r.variants {
 		ids := ctx.Input().FromInts(vr.ids, vr.used, r.tokens)
-		b.variants = append(b.variants, boundVariant{
+		bv := boundVariant{
 			variantRoute: vr,
 			ids:          ids,
 			idsRow:       ids.Reshape(ctx, vr.used*r.tokens),
 			scales:       ctx.Input().FromFloats(vr.scales, 1, vr.used, r.tokens),
-		})
+		}
+		if vr.idsB != nil {
+			bv.idsB = ctx.Input().FromInts(vr.idsB, vr.used, r.tokens)
+		}
+		b.variants = append(b.variants, bv)
 	}
 	return b
 }
@@ -130,12 +143,16 @@ func (b *Bound) Select(ctx ml.Context, rows ml.Tensor) Projector {
 	out := &Bound{routing: b.routing}
 	for _, v := range b.variants {
 		ids := v.ids.Rows(ctx, rows) // [used, n]
-		out.variants = append(out.variants, boundVariant{
+		bv := boundVariant{
 			variantRoute: v.variantRoute,
 			ids:          ids,
 			idsRow:       ids.Reshape(ctx, v.used*n),
 			scales:       v.scales.Reshape(ctx, v.used, b.routing.tokens).Rows(ctx, rows).Reshape(ctx, 1, v.used, n),
-		})
+		}
+		if v.idsB != nil {
+			bv.idsB = v.idsB.Rows(ctx, rows)
+		}
+		out.variants = append(out.variants, bv)
 	}
 	return out
 }
@@ -151,11 +168,11 @@ func (b *Bound) Project(ctx ml.Context, t adapters.Target, x, h ml.Tensor) ml.Te
 		if !v.targets[t] {
 			continue
 		}
-		st := b.routing.bank.stacks[stackKey{v.variant, t}]
+		st := b.routing.bank.stacks[t]
 		if st == nil {
 			continue
 		}
-		op := Op{Stack: st.tensors(), Rank: v.rank, IDs: v.ids, IDsRow: v.idsRow, Scales: v.scales}
+		op := Op{Stack: st.tensors(), Rank: v.rank, IDs: v.ids, IDsRow: v.idsRow, IDsB: v.idsB, Scales: v.scales}
 		switch v.variant {
 		case adapters.FA:
 			h = op.FA(ctx, x, h)

@@ -2,6 +2,8 @@ package llama
 
 import (
 	"fmt"
+
+	"github.com/ollama/ollama/ml"
 	"math"
 	"path/filepath"
 	"testing"
@@ -14,6 +16,11 @@ import (
 	"github.com/sbora-serve/sbora-serve/llama/oracle"
 )
 
+// exactBank keeps adapter matrices in F32: exactness tests compare with
+// float32 and float64 references (the default F16 bank is checked against
+// it in TestF16BankMatchesF32Bank).
+var exactBank = kernels.Config{DType: ml.DTypeF32}
+
 // randomAdapter makes a rank-8 adapter on every projection of every layer.
 func randomAdapter(t testing.TB, base *adapters.Base, v adapters.Variant, seed uint64) *adapters.Adapter {
 	t.Helper()
@@ -24,14 +31,12 @@ func randomAdapter(t testing.TB, base *adapters.Base, v adapters.Variant, seed u
 	return a
 }
 
-// engineLogits runs prompt through a fresh slot with the given adapters.
+// engineLogits runs prompt through a fresh sequence with the given adapters.
 func engineLogits(t testing.TB, e *Engine, prompt []int32, uses []kernels.Use) [][]float32 {
 	t.Helper()
-	res, err := e.Step([]Seq{{Slot: 0, Tokens: prompt, Adapters: uses, AllLogits: true}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return res[0]
+	kv := e.Pool.NewSeq(0)
+	defer kv.Release()
+	return step(t, e, Seq{KV: kv, Tokens: prompt, Adapters: uses, AllLogits: true})[0]
 }
 
 func load(t testing.TB, e *Engine, a *adapters.Adapter) *kernels.Resident {
@@ -58,7 +63,7 @@ func TestAdaptersMatchLlamaCppAndMergedWeights(t *testing.T) {
 	stories := testutil.Shared(t, "models/stories260K.gguf")
 	dir := t.TempDir()
 	m := loadModel(t, stories)
-	e := newEngine(t, m, EngineOptions{Slots: 1, SlotLen: 128, CacheF32: true})
+	e := newEngine(t, m, EngineOptions{KVTokens: 128, CacheF32: true, Bank: exactBank})
 	prompt, err := m.Tokenizer.Encode(storiesText, true)
 	if err != nil {
 		t.Fatal(err)
@@ -96,7 +101,7 @@ func TestAdaptersMatchLlamaCppAndMergedWeights(t *testing.T) {
 			// ggml_backend_sched). Give it one LoRA of rank Σr that is
 			// algebraically the sum: [s1·B1 … sn·Bn]·[A1; …; An].
 			path := filepath.Join(dir, c.name+"-lora.gguf")
-			if err := concatLoRA(c.ws).Save(path, adapters.SaveOptions{}); err != nil {
+			if err := concatLoRA(c.ws).Save(path, adapters.SaveOptions{F32: true}); err != nil {
 				t.Fatal(err)
 			}
 			loras := []oracle.LoRA{{Path: path, Scale: 1}}
@@ -125,7 +130,7 @@ func TestAdaptersMatchLlamaCppAndMergedWeights(t *testing.T) {
 				t.Fatal(err)
 			}
 			mm := loadModel(t, merged)
-			me := newEngine(t, mm, EngineOptions{Slots: 1, SlotLen: 128, CacheF32: true})
+			me := newEngine(t, mm, EngineOptions{KVTokens: 128, CacheF32: true, Bank: exactBank})
 			wantMerged := engineLogits(t, me, prompt, nil)
 			diff, scale = maxAbs(got, wantMerged)
 			t.Logf("vs merged F32 weights: max |Δ| %.3g (max |logit| %.3g)", diff, scale)
@@ -146,7 +151,7 @@ func TestMixedBatchEqualsAlone(t *testing.T) {
 	// F32 caches: with F16 ones, float32 summation-order differences between
 	// batch shapes (≈1e-7) flip F16 roundings of keys and values and show up
 	// as ≈1e-4 relative noise that would hide nothing but blur the check.
-	e := newEngine(t, m, EngineOptions{Slots: 8, SlotLen: 128, CacheF32: true})
+	e := newEngine(t, m, EngineOptions{KVTokens: 8 * 128, MaxSeqLen: 128, CacheF32: true, Bank: exactBank})
 	fa := load(t, e, randomAdapter(t, m.AdapterBase, adapters.FA, 11))
 	fb := load(t, e, randomAdapter(t, m.AdapterBase, adapters.FB, 12))
 	lora := load(t, e, randomAdapter(t, m.AdapterBase, adapters.LoRA, 13))
@@ -166,44 +171,44 @@ func TestMixedBatchEqualsAlone(t *testing.T) {
 	alone := make([][][]float32, len(seqs))
 	for i, s := range seqs {
 		toks, _ := m.Tokenizer.Encode(s.text, true)
-		solo := newEngine(t, m, EngineOptions{Slots: 1, SlotLen: 128, CacheF32: true})
+		solo := newEngine(t, m, EngineOptions{KVTokens: 128, CacheF32: true, Bank: exactBank})
 		// Resident handles belong to e's bank; load the same adapters here.
 		var uses []kernels.Use
 		for _, u := range s.uses {
 			uses = append(uses, kernels.Use{Adapter: load(t, solo, u.Adapter.Adapter), Scale: u.Scale})
 		}
-		seq := Seq{Slot: 0, Tokens: toks, Adapters: uses}
-		for step := 0; step <= decodeSteps; step++ {
-			res, err := solo.Step([]Seq{seq})
-			if err != nil {
-				t.Fatal(err)
-			}
+		seq := Seq{KV: solo.Pool.NewSeq(0), Tokens: toks, Adapters: uses}
+		for k := 0; k <= decodeSteps; k++ {
+			res := step(t, solo, seq)
 			alone[i] = append(alone[i], res[0][0])
-			seq.Pos += len(seq.Tokens)
 			seq.Tokens = []int32{oracle.Argmax(res[0][0])}
 		}
 	}
-	// Together: one step for all prefills, then batched decode steps. Slots
-	// are spread out so the decode group has padding slots in its range.
+	// Together: one step for all prefills, then batched decode steps. A
+	// long-lived sequence holds blocks in between so that the others' block
+	// tables are scattered over the pool.
+	spacer := e.Pool.NewSeq(0)
 	batch := make([]Seq, len(seqs))
 	for i, s := range seqs {
 		toks, _ := m.Tokenizer.Encode(s.text, true)
-		batch[i] = Seq{Slot: []int{0, 2, 3, 5, 6, 7}[i], Tokens: toks, Adapters: s.uses}
-	}
-	worst := 0.0
-	for step := 0; step <= decodeSteps; step++ {
-		res, err := e.Step(batch)
-		if err != nil {
+		batch[i] = Seq{KV: e.Pool.NewSeq(0), Tokens: toks, Adapters: s.uses}
+		if err := spacer.Reserve(e.Pool.BlockSize * (i + 1)); err != nil {
 			t.Fatal(err)
 		}
+		if err := batch[i].KV.Reserve(len(toks) + decodeSteps); err != nil {
+			t.Fatal(err)
+		}
+	}
+	worst := 0.0
+	for k := 0; k <= decodeSteps; k++ {
+		res := step(t, e, batch...)
 		for i := range batch {
-			want := alone[i][step]
+			want := alone[i][k]
 			diff, scale := maxAbs([][]float32{res[i][0]}, [][]float32{want})
 			worst = max(worst, diff/scale)
 			if diff > 1e-5*scale {
-				t.Errorf("step %d sequence %d (%q): batched logits differ from alone by %.3g (max |logit| %.3g)", step, i, seqs[i].text, diff, scale)
+				t.Errorf("step %d sequence %d (%q): batched logits differ from alone by %.3g (max |logit| %.3g)", k, i, seqs[i].text, diff, scale)
 			}
-			batch[i].Pos += len(batch[i].Tokens)
 			batch[i].Tokens = []int32{oracle.Argmax(want)}
 		}
 	}
@@ -255,7 +260,7 @@ func TestFloat64ReferenceAgrees(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := newEngine(t, m, EngineOptions{Slots: 1, SlotLen: 64, CacheF32: true})
+	e := newEngine(t, m, EngineOptions{KVTokens: 64, CacheF32: true, Bank: exactBank})
 	var uses []kernels.Use
 	var ups []refmodel.Update
 	for i, v := range []adapters.Variant{adapters.FA, adapters.FB, adapters.LoRA} {
@@ -276,5 +281,38 @@ func TestFloat64ReferenceAgrees(t *testing.T) {
 	t.Logf("engine vs float64 reference: max |Δ| %.3g (max |logit| %.3g)", worst, scale)
 	if worst > 1e-4*scale {
 		t.Fatalf("engine differs from the float64 reference by %.3g", worst)
+	}
+}
+
+// TestF16BankMatchesF32Bank checks the default F16 adapter bank against the
+// F32 bank on adapters whose values are F16 already (as F16 files hold
+// them): what remains is the F16 rounding of the activations the adapter
+// products read, a small fraction of the adapter's effect.
+func TestF16BankMatchesF32Bank(t *testing.T) {
+	stories := testutil.Shared(t, "models/stories260K.gguf")
+	m := loadModel(t, stories)
+	f32 := newEngine(t, m, EngineOptions{KVTokens: 128, CacheF32: true, Bank: exactBank})
+	f16 := newEngine(t, m, EngineOptions{KVTokens: 128, CacheF32: true})
+	prompt, _ := m.Tokenizer.Encode(storiesText, true)
+	prompt = prompt[:48]
+	base := engineLogits(t, f32, prompt, nil)
+	dir := t.TempDir()
+	for i, v := range []adapters.Variant{adapters.FA, adapters.FB, adapters.LoRA} {
+		path := filepath.Join(dir, string(v)+".gguf")
+		if err := randomAdapter(t, m.AdapterBase, v, uint64(60+i)).Save(path, adapters.SaveOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		a, err := adapters.Load(path) // F16 values
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := engineLogits(t, f32, prompt, []kernels.Use{{Adapter: load(t, f32, a), Scale: 1}})
+		got := engineLogits(t, f16, prompt, []kernels.Use{{Adapter: load(t, f16, a), Scale: 1}})
+		effect, _ := maxAbs(want, base)
+		diff, _ := maxAbs(got, want)
+		t.Logf("%s: F16 bank vs F32 bank max |Δ| %.3g; the adapter moves logits by up to %.3g (%.2g%%)", v, diff, effect, 100*diff/effect)
+		if effect < 0.05 || diff > 0.02*effect {
+			t.Errorf("%s: F16 bank differs from F32 by %.3g, adapter effect %.3g", v, diff, effect)
+		}
 	}
 }

@@ -11,69 +11,79 @@ import (
 
 // EngineOptions size an Engine.
 type EngineOptions struct {
-	// Slots is the number of sequences that can hold KV cache at once.
-	Slots int
-	// SlotLen is each sequence's context length (prompt + generation).
-	SlotLen int
+	// KVTokens is the KV pool's capacity in tokens, shared by all
+	// sequences (rounded up to whole blocks).
+	KVTokens int
+	// BlockSize is the KV block size in tokens (default DefaultBlockSize).
+	BlockSize int
+	// MaxSeqLen is the longest sequence (prompt + generation); default the
+	// model's context length, at most 4096, and at most KVTokens.
+	MaxSeqLen int
 	// CacheF32 stores keys and values as F32 instead of F16.
 	CacheF32 bool
-	// AdapterSlots is how many adapters of each variant can be resident.
-	AdapterSlots int
-	// MaxRank is the largest adapter rank accepted.
-	MaxRank int
+	// NoPrefixCache turns off prefix caching (blocks are freed, not kept).
+	NoPrefixCache bool
+	// Bank sizes the adapter bank.
+	Bank kernels.Config
 }
 
-// Engine runs batched steps of a model: every sequence has a KV slot and may
-// use its own adapters. An Engine is not safe for concurrent use; the server
-// drives it from one goroutine.
+// Engine runs batched steps of a model: every sequence holds blocks of one
+// shared KV pool and may use its own adapters. An Engine is not safe for
+// concurrent use; the server drives it from one goroutine.
 type Engine struct {
 	Model *Model
-	Cache *Cache
+	Pool  *KVPool
 	Bank  *kernels.Bank
+	// MaxSeqLen is the longest sequence a step accepts.
+	MaxSeqLen int
 }
 
-// NewEngine allocates the KV cache and the adapter bank.
+// NewEngine allocates the KV pool and the adapter bank.
 func NewEngine(m *Model, opts EngineOptions) (*Engine, error) {
-	if opts.Slots <= 0 {
-		opts.Slots = 1
+	if opts.BlockSize <= 0 {
+		opts.BlockSize = DefaultBlockSize
 	}
-	if opts.SlotLen <= 0 {
-		opts.SlotLen = min(m.Params.ContextLength, 4096)
+	if opts.MaxSeqLen <= 0 {
+		opts.MaxSeqLen = min(m.Params.ContextLength, 4096)
 	}
-	if opts.AdapterSlots <= 0 {
-		opts.AdapterSlots = 8
+	if opts.KVTokens <= 0 {
+		opts.KVTokens = opts.MaxSeqLen
 	}
-	if opts.MaxRank <= 0 {
-		opts.MaxRank = 64
-	}
+	blocks := (opts.KVTokens + opts.BlockSize - 1) / opts.BlockSize
+	opts.MaxSeqLen = min(opts.MaxSeqLen, blocks*opts.BlockSize)
 	dtype := ml.DTypeF16
 	if opts.CacheF32 {
 		dtype = ml.DTypeF32
 	}
-	cache, err := newCache(m, opts.Slots, opts.SlotLen, dtype)
+	pool, err := newKVPool(m, blocks, opts.BlockSize, dtype, !opts.NoPrefixCache)
 	if err != nil {
 		return nil, err
 	}
-	bank, err := kernels.NewBank(m.Backend(), m.AdapterBase, kernels.Config{Slots: opts.AdapterSlots, MaxRank: opts.MaxRank})
+	if opts.Bank.Slots <= 0 {
+		opts.Bank.Slots = 8
+	}
+	if opts.Bank.MaxRank <= 0 {
+		opts.Bank.MaxRank = 64
+	}
+	bank, err := kernels.NewBank(m.Backend(), m.AdapterBase, opts.Bank)
 	if err != nil {
-		cache.close()
+		pool.close()
 		return nil, err
 	}
-	return &Engine{Model: m, Cache: cache, Bank: bank}, nil
+	return &Engine{Model: m, Pool: pool, Bank: bank, MaxSeqLen: opts.MaxSeqLen}, nil
 }
 
-// Close frees the cache and the adapter bank (not the model).
+// Close frees the KV pool and the adapter bank (not the model).
 func (e *Engine) Close() {
 	e.Bank.Close()
-	e.Cache.close()
+	e.Pool.close()
 }
 
-// Seq is one sequence's share of a step.
+// Seq is one sequence's share of a step: Tokens are appended at the end of
+// KV, which must have room for them (SeqKV.Reserve).
 type Seq struct {
-	// Slot is the sequence's KV slot; Pos is how many of its tokens are
-	// already cached there (the position of Tokens[0]).
-	Slot, Pos int
-	Tokens    []int32
+	KV     *SeqKV
+	Tokens []int32
 	// Adapters applied to this sequence (at most kernels.MaxCompose).
 	Adapters []kernels.Use
 	// AllLogits returns logits for every token instead of the last only.
@@ -94,7 +104,7 @@ func (e *Engine) Step(seqs []Seq) ([][][]float32, error) {
 	if err != nil {
 		return nil, err
 	}
-	plan := planAttention(spans, e.Cache.SlotLen)
+	plan := planAttention(spans, e.Pool.BlockSize)
 	ggmlx.EnsureGraphNodes(e.Model.Backend(), e.graphBudget(len(plan.groups), routing))
 
 	ctx := e.Model.Backend().NewContext()
@@ -115,12 +125,15 @@ func (e *Engine) Step(seqs []Seq) ([][][]float32, error) {
 	if !routing.Empty() {
 		proj = routing.Bind(ctx)
 	}
-	att := e.Cache.bind(ctx, e.Model, plan)
+	att := e.Pool.bind(ctx, e.Model, plan)
 	hidden := e.Model.Transformer(ctx, tokT, posT, outT, att, proj)
 	logits := e.Model.Logits(ctx, hidden)
 	ctx.Forward(logits).Compute(logits)
 	flat := logits.Floats()
 	vocab := logits.Dim(0)
+	for _, s := range seqs {
+		s.KV.commit(s.Tokens)
+	}
 
 	result := make([][][]float32, len(seqs))
 	row := 0
@@ -146,33 +159,36 @@ func (e *Engine) layout(seqs []Seq) (spans []seqSpan, uses [][]kernels.Use, toke
 	if len(seqs) == 0 {
 		return nil, nil, nil, nil, nil, fmt.Errorf("empty step")
 	}
-	seen := map[int]bool{}
+	seen := map[*SeqKV]bool{}
 	vocab := int32(e.Model.Params.VocabSize)
-	for _, s := range seqs {
-		if s.Slot < 0 || s.Slot >= e.Cache.Slots {
-			return nil, nil, nil, nil, nil, fmt.Errorf("slot %d out of range [0, %d)", s.Slot, e.Cache.Slots)
+	for i, s := range seqs {
+		fail := func(format string, args ...any) error {
+			return fmt.Errorf("sequence %d: %s", i, fmt.Sprintf(format, args...))
 		}
-		if seen[s.Slot] {
-			return nil, nil, nil, nil, nil, fmt.Errorf("slot %d appears twice in one step", s.Slot)
+		switch {
+		case s.KV == nil || s.KV.pool != e.Pool:
+			return nil, nil, nil, nil, nil, fail("no KV sequence of this engine")
+		case seen[s.KV]:
+			return nil, nil, nil, nil, nil, fail("appears twice in one step")
+		case len(s.Tokens) == 0:
+			return nil, nil, nil, nil, nil, fail("no tokens")
+		case s.KV.Len()+len(s.Tokens) > e.MaxSeqLen:
+			return nil, nil, nil, nil, nil, fail("positions %d..%d exceed the longest sequence %d", s.KV.Len(), s.KV.Len()+len(s.Tokens), e.MaxSeqLen)
+		case s.KV.Len()+len(s.Tokens) > s.KV.Capacity():
+			return nil, nil, nil, nil, nil, fail("%d tokens need room in the KV pool (reserve them first)", len(s.Tokens))
+		case len(s.Adapters) > kernels.MaxCompose:
+			return nil, nil, nil, nil, nil, fail("%d adapters, at most %d compose", len(s.Adapters), kernels.MaxCompose)
 		}
-		seen[s.Slot] = true
-		if len(s.Tokens) == 0 {
-			return nil, nil, nil, nil, nil, fmt.Errorf("slot %d: no tokens", s.Slot)
-		}
-		if s.Pos < 0 || s.Pos+len(s.Tokens) > e.Cache.SlotLen {
-			return nil, nil, nil, nil, nil, fmt.Errorf("slot %d: positions %d..%d exceed the context length %d", s.Slot, s.Pos, s.Pos+len(s.Tokens), e.Cache.SlotLen)
-		}
-		if len(s.Adapters) > kernels.MaxCompose {
-			return nil, nil, nil, nil, nil, fmt.Errorf("slot %d: %d adapters, at most %d compose", s.Slot, len(s.Adapters), kernels.MaxCompose)
-		}
-		spans = append(spans, seqSpan{slot: s.Slot, pos0: s.Pos, n: len(s.Tokens), first: len(tokens)})
+		seen[s.KV] = true
+		pos0 := s.KV.Len()
+		spans = append(spans, seqSpan{kv: s.KV, pos0: pos0, n: len(s.Tokens), first: len(tokens)})
 		for j, t := range s.Tokens {
 			if t < 0 || t >= vocab {
-				return nil, nil, nil, nil, nil, fmt.Errorf("slot %d: token %d out of vocabulary [0, %d)", s.Slot, t, vocab)
+				return nil, nil, nil, nil, nil, fail("token %d out of vocabulary [0, %d)", t, vocab)
 			}
 			row := int32(len(tokens))
 			tokens = append(tokens, t)
-			positions = append(positions, int32(s.Pos+j))
+			positions = append(positions, int32(pos0+j))
 			uses = append(uses, s.Adapters)
 			switch {
 			case s.NoLogits:
@@ -195,7 +211,7 @@ func isIdentity(rows []int32) bool {
 
 // graphBudget bounds the node count of a step's graph.
 func (e *Engine) graphBudget(groups int, r *kernels.Routing) int {
-	perLayer := 48 + 12*groups + 7*r.NodesPerModule()
+	perLayer := 48 + 20*groups + 7*r.NodesPerModule()
 	need := 64 + len(e.Model.Layers)*perLayer
 	n := 2048
 	for n < need {

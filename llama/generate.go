@@ -2,6 +2,7 @@ package llama
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"unicode/utf8"
 
@@ -72,8 +73,6 @@ type GenerateOptions struct {
 	MaxTokens int
 	Sampler   SamplerOptions
 	Adapters  []kernels.Use
-	// Slot to use (default 0); its cache is overwritten.
-	Slot int
 	// PrefillChunk bounds the tokens of one prefill step (default 512).
 	PrefillChunk int
 }
@@ -87,11 +86,18 @@ func (e *Engine) Generate(ctx context.Context, prompt []int32, o GenerateOptions
 		chunk = 512
 	}
 	s := NewSampler(o.Sampler)
-	pos := 0
+	kv := e.Pool.NewSeq(0)
+	defer kv.Release()
+	if len(prompt) == 0 || len(prompt) >= e.MaxSeqLen {
+		return nil, fmt.Errorf("the prompt has %d tokens; the engine takes 1 to %d", len(prompt), e.MaxSeqLen-1)
+	}
+	if err := kv.Reserve(len(prompt) + 1); err != nil {
+		return nil, err
+	}
 	var logits []float32
-	for pos < len(prompt) {
+	for pos := 0; pos < len(prompt); {
 		end := min(len(prompt), pos+chunk)
-		res, err := e.Step([]Seq{{Slot: o.Slot, Pos: pos, Tokens: prompt[pos:end], Adapters: o.Adapters, NoLogits: end < len(prompt)}})
+		res, err := e.Step([]Seq{{KV: kv, Tokens: prompt[pos:end], Adapters: o.Adapters, NoLogits: end < len(prompt)}})
 		if err != nil {
 			return nil, err
 		}
@@ -114,15 +120,17 @@ func (e *Engine) Generate(ctx context.Context, prompt []int32, o GenerateOptions
 		if emit != nil && !emit(next) {
 			break
 		}
-		if len(out) == o.MaxTokens || pos >= e.Cache.SlotLen {
+		if len(out) == o.MaxTokens || kv.Len() >= e.MaxSeqLen {
 			break
 		}
-		res, err := e.Step([]Seq{{Slot: o.Slot, Pos: pos, Tokens: []int32{next}, Adapters: o.Adapters}})
+		if err := kv.Reserve(1); err != nil {
+			return out, err
+		}
+		res, err := e.Step([]Seq{{KV: kv, Tokens: []int32{next}, Adapters: o.Adapters}})
 		if err != nil {
 			return out, err
 		}
 		logits = res[0][0]
-		pos++
 	}
 	return out, nil
 }

@@ -2,6 +2,7 @@ package llama
 
 import (
 	"encoding/json"
+	"github.com/ollama/ollama/ml"
 	"math"
 	"os"
 	"os/exec"
@@ -84,7 +85,7 @@ func TestImportMatchesPyTorch(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := loadModel(t, model)
-	e := newEngine(t, m, EngineOptions{Slots: 1, SlotLen: 64, CacheF32: true, AdapterSlots: 8, MaxRank: 8})
+	e := newEngine(t, m, EngineOptions{KVTokens: 64, CacheF32: true, Bank: kernels.Config{Slots: 8, MaxRank: 8, DType: ml.DTypeF32}})
 	compare := func(got [][]float32, want [][]float64) float64 {
 		worst, scale := 0.0, 0.0
 		for i := range want {

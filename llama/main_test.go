@@ -9,6 +9,7 @@ import (
 
 	"github.com/sbora-serve/sbora-serve/internal/gguf"
 	"github.com/sbora-serve/sbora-serve/internal/testutil"
+	"github.com/sbora-serve/sbora-serve/kernels"
 	"github.com/sbora-serve/sbora-serve/llama/modelfile"
 	"github.com/sbora-serve/sbora-serve/llama/oracle"
 )
@@ -105,23 +106,32 @@ func maxAbs(a, b [][]float32) (diff, scale float64) {
 	return diff, scale
 }
 
-// greedy generates n tokens after prompt in slot 0.
-func greedy(t testing.TB, e *Engine, prompt []int32, n int, uses ...Seq) []int32 {
+// greedy generates n tokens after prompt in a fresh sequence.
+func greedy(t testing.TB, e *Engine, prompt []int32, n int, uses ...kernels.Use) []int32 {
 	t.Helper()
-	seq := Seq{Slot: 0, Tokens: prompt}
-	if len(uses) > 0 {
-		seq.Adapters = uses[0].Adapters
-	}
+	seq := Seq{KV: e.Pool.NewSeq(0), Tokens: prompt, Adapters: uses}
+	defer seq.KV.Release()
 	var out []int32
 	for len(out) < n {
-		res, err := e.Step([]Seq{seq})
-		if err != nil {
-			t.Fatal(err)
-		}
+		res := step(t, e, seq)
 		next := oracle.Argmax(res[0][0])
 		out = append(out, next)
-		seq.Pos += len(seq.Tokens)
 		seq.Tokens = []int32{next}
 	}
 	return out
+}
+
+// step reserves room for each sequence's tokens and runs one engine step.
+func step(t testing.TB, e *Engine, seqs ...Seq) [][][]float32 {
+	t.Helper()
+	for _, s := range seqs {
+		if err := s.KV.Reserve(len(s.Tokens)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := e.Step(seqs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
 }

@@ -18,7 +18,6 @@ import (
 	"github.com/ollama/ollama/tokenizer"
 
 	"github.com/sbora-serve/sbora-serve/adapters"
-	"github.com/sbora-serve/sbora-serve/internal/gguf"
 	"github.com/sbora-serve/sbora-serve/kernels"
 )
 
@@ -99,28 +98,11 @@ type LoadOptions struct {
 // ReadBase reads only the metadata of a base model GGUF and describes its
 // weights for adapters (architecture, layers, shapes, fingerprint).
 func ReadBase(path string) (*adapters.Base, error) {
-	f, err := gguf.Open(path)
+	info, err := ReadInfo(path)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	arch, _ := f.KV.String("general.architecture")
-	if arch != "llama" {
-		return nil, fmt.Errorf("%s: unsupported architecture %q: sbora-serve runs llama-architecture GGUFs", path, arch)
-	}
-	layers, _ := f.KV.Int(arch + ".block_count")
-	shapes := make([]adapters.TensorShape, 0, len(f.Tensors))
-	for _, t := range f.Tensors {
-		shapes = append(shapes, adapters.TensorShape{Name: t.Name, Shape: t.Shape})
-	}
-	b := adapters.NewBase(arch, int(layers), shapes)
-	if h, ok := f.KV.Int(arch + ".attention.head_count"); ok {
-		b.Heads, b.KVHeads = int(h), int(h)
-	}
-	if h, ok := f.KV.Int(arch + ".attention.head_count_kv"); ok {
-		b.KVHeads = int(h)
-	}
-	return b, nil
+	return info.Base, nil
 }
 
 // Load opens a LLaMA GGUF, builds the model and reads its weights.

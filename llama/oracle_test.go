@@ -44,11 +44,8 @@ func compareWithOracle(t *testing.T, path string, tol float64) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := newEngine(t, m, EngineOptions{Slots: 1, SlotLen: 256})
-	got, err := e.Step([]Seq{{Tokens: prompt, AllLogits: true}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := newEngine(t, m, EngineOptions{KVTokens: 256})
+	got := step(t, e, Seq{KV: e.Pool.NewSeq(0), Tokens: prompt, AllLogits: true})
 	diff, scale := maxAbs(got[0], want)
 	t.Logf("%s: max |Δlogit| = %.3g over 64 positions (max |logit| %.3g)", filepath.Base(path), diff, scale)
 	if diff > tol*scale {

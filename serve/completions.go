@@ -88,17 +88,32 @@ func (s *Server) resolveAdapters(p *genParams) ([]adapterUse, error) {
 	return uses, nil
 }
 
+// maxPromptBytesPerToken bounds prompt text before tokenizing: no
+// tokenizer averages that many bytes per token, so longer text cannot fit
+// the context and is refused without spending CPU on it.
+const maxPromptBytesPerToken = 64
+
 func (s *Server) generate(w http.ResponseWriter, r *http.Request, p *genParams, endpoint string) {
 	uses, err := s.resolveAdapters(p)
 	if err != nil {
 		writeError(w, err)
 		return
 	}
+	ctxLen := s.engine.MaxSeqLen
+	tooLong := func(what string, n int) *apiError {
+		return &apiError{Status: http.StatusBadRequest, Type: "invalid_request_error", Param: what, Code: "context_length_exceeded",
+			Message: fmt.Sprintf("the prompt is %d bytes: more than a %d-token context can hold", n, ctxLen)}
+	}
 	prompt := p.promptTokens
-	if p.messages != nil {
+	switch {
+	case p.messages != nil:
 		text, err := s.chat.Render(p.messages)
 		if err != nil {
 			writeError(w, errBadRequest("messages", "%v", err))
+			return
+		}
+		if len(text) > ctxLen*maxPromptBytesPerToken {
+			writeError(w, tooLong("messages", len(text)))
 			return
 		}
 		if prompt, err = encodePrompt(s, text); err != nil {
@@ -106,7 +121,11 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, p *genParams, 
 			return
 		}
 		p.stop = append(p.stop, s.chat.Stop...)
-	} else if prompt == nil {
+	case prompt == nil:
+		if len(p.promptText) > ctxLen*maxPromptBytesPerToken {
+			writeError(w, tooLong("prompt", len(p.promptText)))
+			return
+		}
 		if prompt, err = s.model.Tokenizer.Encode(p.promptText, true); err != nil {
 			writeError(w, err)
 			return
@@ -119,22 +138,46 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, p *genParams, 
 			return
 		}
 	}
-	ctxLen := s.engine.Cache.SlotLen
+	param := "prompt"
+	if p.messages != nil {
+		param = "messages"
+	}
 	if len(prompt) >= ctxLen {
-		writeError(w, &apiError{Status: http.StatusBadRequest, Type: "invalid_request_error", Param: "messages", Code: "context_length_exceeded",
+		writeError(w, &apiError{Status: http.StatusBadRequest, Type: "invalid_request_error", Param: param, Code: "context_length_exceeded",
 			Message: fmt.Sprintf("the prompt has %d tokens but the context holds %d (prompt plus completion)", len(prompt), ctxLen)})
 		return
 	}
 	maxTokens := ctxLen - len(prompt)
 	if p.maxTokens > 0 {
-		maxTokens = min(maxTokens, p.maxTokens)
+		if len(prompt)+p.maxTokens > ctxLen {
+			writeError(w, &apiError{Status: http.StatusBadRequest, Type: "invalid_request_error", Param: "max_tokens", Code: "context_length_exceeded",
+				Message: fmt.Sprintf("the prompt has %d tokens and max_tokens is %d, but the context holds %d (prompt plus completion)", len(prompt), p.maxTokens, ctxLen)})
+			return
+		}
+		maxTokens = p.maxTokens
 	}
-	req := &request{ctx: r.Context(), label: p.model, endpoint: endpoint, prompt: prompt, adapters: uses,
-		maxTokens: maxTokens, sampler: p.sampler, stop: p.stop, ignoreEOS: p.ignoreEOS, arrived: time.Now(), events: make(chan event, maxTokens+2)}
+	label := s.metricLabel(p.model)
+	req := &request{ctx: r.Context(), label: label, endpoint: endpoint, prompt: prompt, adapters: uses, n: 1,
+		maxTokens: maxTokens, sampler: p.sampler, stop: p.stop, stopTokens: s.stopTokens(p.stop), ignoreEOS: p.ignoreEOS,
+		arrived: time.Now(), events: make(chan event, eventCapacity(1, maxTokens))}
 	if err := s.sched.submit(req); err != nil {
-		s.metrics.requests.WithLabelValues(p.model, endpoint, "rejected").Inc()
+		s.metrics.requests.WithLabelValues(label, endpoint, "rejected").Inc()
 		writeError(w, err)
 		return
+	}
+	// Nothing is written until the request is admitted (its adapters are
+	// resident and it holds KV blocks): errors before that get their own
+	// HTTP status, streaming or not.
+	select {
+	case ev := <-req.events:
+		if ev.kind == evDone {
+			if ev.err != nil && r.Context().Err() == nil {
+				writeError(w, ev.err)
+			}
+			return
+		}
+	case <-r.Context().Done():
+		return // the scheduler reaps the request
 	}
 	id := newID("cmpl-")
 	if endpoint == "chat" {
@@ -146,9 +189,15 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, p *genParams, 
 		return
 	}
 	var text []byte
-	for ev := range req.events {
+	for {
+		var ev event
+		select {
+		case ev = <-req.events:
+		case <-r.Context().Done():
+			return
+		}
 		text = append(text, ev.text...)
-		if !ev.done {
+		if ev.kind != evDone {
 			continue
 		}
 		if ev.err != nil {
@@ -174,12 +223,39 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, p *genParams, 
 	}
 }
 
+// metricLabel is the adapter label of a request's metrics: the model name
+// asked for, or only whether it was the base model when adapter names
+// stay out of the metrics.
+func (s *Server) metricLabel(model string) string {
+	if s.cfg.MetricsAdapterNames || model == s.cfg.ModelName {
+		return model
+	}
+	return "adapter"
+}
+
+// stopTokens maps stop strings that are the text of a control token
+// (<|eot_id|>, <|im_end|>) to that token: control tokens produce no text,
+// so only their ids can match.
+func (s *Server) stopTokens(stops []string) map[int32]bool {
+	var out map[int32]bool
+	for _, st := range stops {
+		if id, ok := s.specialIDs[st]; ok {
+			if out == nil {
+				out = map[int32]bool{}
+			}
+			out[id] = true
+		}
+	}
+	return out
+}
+
 func (s *Server) fingerprint() string {
 	return "sbora-" + s.model.AdapterBase.Fingerprint[:12]
 }
 
 // stream writes server-sent events in OpenAI's format, ending with
-// "data: [DONE]". Errors after the first byte arrive as an error event.
+// "data: [DONE]". Errors after the first byte arrive as an error event,
+// followed by [DONE].
 func (s *Server) stream(w http.ResponseWriter, r *http.Request, req *request, p *genParams, endpoint, id string, created int64) {
 	flusher, _ := w.(http.Flusher)
 	w.Header().Set("Content-Type", "text/event-stream")
@@ -199,6 +275,12 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, req *request, p 
 			flusher.Flush()
 		}
 		return true
+	}
+	done := func() {
+		fmt.Fprint(w, "data: [DONE]\n\n")
+		if flusher != nil {
+			flusher.Flush()
+		}
 	}
 	chunk := func(text string, finish any, first bool) map[string]any {
 		var choice map[string]any
@@ -223,17 +305,24 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, req *request, p 
 	if endpoint == "chat" && !send(chunk("", nil, true)) {
 		return
 	}
-	for ev := range req.events {
-		if ev.text != "" && !send(chunk(ev.text, nil, false)) {
-			return // client gone: the scheduler sees the canceled context
+	for {
+		var ev event
+		select {
+		case ev = <-req.events:
+		case <-r.Context().Done():
+			return // client gone: the scheduler reaps the request
 		}
-		if !ev.done {
+		if ev.text != "" && !send(chunk(ev.text, nil, false)) {
+			return
+		}
+		if ev.kind != evDone {
 			continue
 		}
 		if ev.err != nil {
 			if r.Context().Err() == nil {
 				e := toAPIError(ev.err)
-				send(map[string]any{"error": map[string]any{"message": e.Message, "type": e.Type, "param": nil, "code": nil}})
+				send(map[string]any{"error": map[string]any{"message": e.Message, "type": e.Type, "param": nil, "code": nilIfEmpty(e.Code)}})
+				done()
 			}
 			return
 		}
@@ -241,12 +330,16 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, req *request, p 
 		if p.includeUsage {
 			send(map[string]any{"id": id, "object": object, "created": created, "model": p.model, "choices": []any{}, "usage": ev.usage})
 		}
-		fmt.Fprint(w, "data: [DONE]\n\n")
-		if flusher != nil {
-			flusher.Flush()
-		}
+		done()
 		return
 	}
+}
+
+func nilIfEmpty(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
 }
 
 // listModels is GET /v1/models: the base and every adapter, with parent.
@@ -274,10 +367,10 @@ func (s *Server) getModel(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) baseModel() map[string]any {
 	return map[string]any{"id": s.cfg.ModelName, "object": "model", "created": s.started.Unix(), "owned_by": "sbora-serve",
-		"root": s.cfg.ModelName, "parent": nil, "max_model_len": s.engine.Cache.SlotLen}
+		"root": s.cfg.ModelName, "parent": nil, "max_model_len": s.engine.MaxSeqLen}
 }
 
 func (s *Server) adapterModel(e *adapters.Entry) map[string]any {
 	return map[string]any{"id": e.Name, "object": "model", "created": e.Created.Unix(), "owned_by": "sbora-serve",
-		"root": e.Name, "parent": s.cfg.ModelName, "max_model_len": s.engine.Cache.SlotLen}
+		"root": e.Name, "parent": s.cfg.ModelName, "max_model_len": s.engine.MaxSeqLen}
 }

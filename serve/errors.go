@@ -33,6 +33,8 @@ var (
 		Message: "the server's request queue is full; retry later"}
 	errShuttingDown = &apiError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "server_shutting_down",
 		Message: "the server is shutting down"}
+	errDrainTimeout = &apiError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "server_shutting_down",
+		Message: "the server is shutting down and its drain timeout ended this request; retry on another replica"}
 )
 
 // writeError writes err as OpenAI-shaped JSON with the right status.

@@ -45,7 +45,7 @@ func TestErrorResponses(t *testing.T) {
 	os.WriteFile(filepath.Join(outside, "x.gguf"), []byte("x"), 0o644)
 	os.Symlink(filepath.Join(outside, "x.gguf"), filepath.Join(dir, "escape.gguf"))
 	os.WriteFile(filepath.Join(dir, "garbage.bin"), []byte("GGUF but not really"), 0o644)
-	s := startServer(t, dir, "--api-key", "inference-key", "--admin-key", "admin-key", "--ctx", "64", "--max-body", "200000")
+	s := startServer(t, dir, "--api-key", "inference-key", "--admin-key", "admin-key", "--ctx", "64", "--max-request-bytes", "200000")
 	s.header.Set("Authorization", "Bearer inference-key")
 	longPrompt := strings.Repeat("the big dog ran to the park ", 20)
 	completion := func(fields string) string {

@@ -27,6 +27,14 @@ type metrics struct {
 	adapterLoadSecs  prometheus.Histogram
 	kvUsed           prometheus.Gauge
 	kvCapacity       prometheus.Gauge
+	kvBlocks         prometheus.Gauge
+	kvUsedBlocks     prometheus.Gauge
+	kvCachedBlocks   prometheus.Gauge
+	kvEvicted        prometheus.Counter
+	prefixQueried    prometheus.Counter
+	prefixHit        prometheus.Counter
+	preemptions      prometheus.Counter
+	queueSeconds     prometheus.Histogram
 	slotsTotal       prometheus.Gauge
 }
 
@@ -50,11 +58,27 @@ func newMetrics() *metrics {
 	m.stepSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "sbora_step_seconds",
 		Help: "Duration of one engine step.", Buckets: latency})
 	m.queueDepth = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_queue_depth",
-		Help: "Requests waiting for a KV slot or their adapters."})
+		Help: "Requests waiting for KV blocks or their adapters."})
 	m.activeSequences = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_active_sequences",
-		Help: "Sequences holding a KV slot."})
-	m.slotsTotal = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_slots",
-		Help: "KV slots (concurrent sequences) the server has."})
+		Help: "Sequences running (holding KV blocks)."})
+	m.slotsTotal = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_max_running_sequences",
+		Help: "Sequences that can run at once (--parallel)."})
+	m.kvBlocks = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_kv_blocks",
+		Help: "Blocks of the KV pool."})
+	m.kvUsedBlocks = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_kv_blocks_used",
+		Help: "KV blocks held by running sequences."})
+	m.kvCachedBlocks = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_kv_blocks_cached",
+		Help: "KV blocks holding prefix-cache content (held or reusable)."})
+	m.kvEvicted = prometheus.NewCounter(prometheus.CounterOpts{Name: "sbora_prefix_cache_evicted_blocks_total",
+		Help: "Cached KV blocks reclaimed for new tokens."})
+	m.prefixQueried = prometheus.NewCounter(prometheus.CounterOpts{Name: "sbora_prefix_cache_queries_total",
+		Help: "Prompt tokens looked up in the prefix cache."})
+	m.prefixHit = prometheus.NewCounter(prometheus.CounterOpts{Name: "sbora_prefix_cache_hits_total",
+		Help: "Prompt tokens found in the prefix cache (not recomputed)."})
+	m.preemptions = prometheus.NewCounter(prometheus.CounterOpts{Name: "sbora_preemptions_total",
+		Help: "Running sequences sent back to the queue because the KV pool was full (recomputed from the prefix cache when readmitted)."})
+	m.queueSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "sbora_queue_seconds",
+		Help: "Time from arrival to admission (KV blocks and adapters ready).", Buckets: latency})
 	m.residentAdapters = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_resident_adapters",
 		Help: "Adapters loaded in engine memory."})
 	m.registered = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_registered_adapters",
@@ -64,14 +88,15 @@ func newMetrics() *metrics {
 	m.adapterEvictions = prometheus.NewCounter(prometheus.CounterOpts{Name: "sbora_adapter_evictions_total",
 		Help: "Resident adapters evicted to make room (least recently used first)."})
 	m.adapterLoadSecs = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "sbora_adapter_load_seconds",
-		Help: "Time to make an adapter resident: read, validate and upload.", Buckets: latency})
+		Help: "Time to make an adapter resident: read, validate and copy into its bank slots (in the background).", Buckets: latency})
 	m.kvUsed = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_kv_cache_used_tokens",
-		Help: "KV cache positions holding tokens of active sequences."})
+		Help: "Tokens cached for running sequences."})
 	m.kvCapacity = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_kv_cache_capacity_tokens",
-		Help: "KV cache positions in all slots."})
+		Help: "Tokens the KV pool holds."})
 	m.reg.MustRegister(m.requests, m.promptTokens, m.generationTokens, m.ttft, m.itl, m.batchSequences,
 		m.batchTokens, m.stepSeconds, m.queueDepth, m.activeSequences, m.slotsTotal, m.residentAdapters, m.registered,
-		m.adapterLoads, m.adapterEvictions, m.adapterLoadSecs, m.kvUsed, m.kvCapacity,
+		m.adapterLoads, m.adapterEvictions, m.adapterLoadSecs, m.kvUsed, m.kvCapacity, m.kvBlocks, m.kvUsedBlocks,
+		m.kvCachedBlocks, m.kvEvicted, m.prefixQueried, m.prefixHit, m.preemptions, m.queueSeconds,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -104,6 +104,9 @@ func decodeJSON(r io.Reader, v any) error {
 	if dec.More() {
 		return errBadRequest("", "request body has data after the JSON object")
 	}
+	// Read to the end (only whitespace is left): that lifts the body's
+	// read deadline (see limitBody).
+	io.Copy(io.Discard, r)
 	return nil
 }
 

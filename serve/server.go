@@ -2,9 +2,12 @@ package serve
 
 import (
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
@@ -12,51 +15,68 @@ import (
 
 	"github.com/go-chi/chi/v5"
 	"github.com/go-chi/chi/v5/middleware"
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/tokenizer"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/sbora-serve/sbora-serve/adapters"
 	"github.com/sbora-serve/sbora-serve/llama"
 )
 
-// Config configures a Server.
+// Config configures a Server. Sizes left at zero are chosen by the memory
+// plan (llama.Plan); set ones are honoured, or New fails naming them.
 type Config struct {
 	ModelPath string
 	// ModelName is the base model's id in the API (default: file name
 	// without extension).
 	ModelName  string
 	AdapterDir string
-	// MaxResident adapters live in engine memory (LRU beyond that).
+	// MaxResident is the adapter bank's size in LoRA-sized slots (an FA
+	// or FB adapter takes half of one); LRU eviction beyond.
 	MaxResident int
 	// MaxRank is the largest adapter rank accepted.
 	MaxRank int
-	// Parallel is the number of sequences decoded together (KV slots).
+	// Parallel is the most sequences running at once.
 	Parallel int
-	// ContextLength per sequence (prompt + completion).
+	// ContextLength is the longest sequence (prompt + completion).
 	ContextLength int
+	// KVTokens is the KV pool's size in tokens, shared by all sequences.
+	KVTokens int
+	// MemoryFraction of the available memory the plan may use (default 0.8).
+	MemoryFraction float64
 	// PrefillBudget bounds prompt tokens per engine step.
 	PrefillBudget int
 	MaxQueue      int
 	Threads       int
 	// CacheF32 stores keys and values in F32 (default F16).
 	CacheF32 bool
-	APIKey   string
+	// NoPrefixCache turns prefix caching off.
+	NoPrefixCache bool
+	// BankType stores adapter matrices: f16 (default), f32 or q8_0.
+	BankType string
+	// MaxLoading bounds adapter loads in flight (default 2).
+	MaxLoading int
+	APIKey     string
+	// AdminKey guards adapter changes. Without one the admin API answers
+	// only clients on the loopback interface.
 	AdminKey string
-	// MaxBodyBytes limits request bodies (adapter uploads included).
-	MaxBodyBytes int64
+	// MetricsAuth requires the API key for /metrics.
+	MetricsAuth bool
+	// MetricsAdapterNames labels metrics with adapter names (tenant names,
+	// so off by default: series then say "base" or "adapter").
+	MetricsAdapterNames bool
+	// MaxRequestBytes limits inference request bodies; MaxUploadBytes
+	// adapter uploads.
+	MaxRequestBytes int64
+	MaxUploadBytes  int64
 }
 
 func (c *Config) defaults() {
 	if c.ModelName == "" {
 		c.ModelName = strings.TrimSuffix(filepath.Base(c.ModelPath), filepath.Ext(c.ModelPath))
 	}
-	if c.MaxResident <= 0 {
-		c.MaxResident = 16
-	}
-	if c.MaxRank <= 0 {
-		c.MaxRank = 64
-	}
-	if c.Parallel <= 0 {
-		c.Parallel = 16
+	if c.MemoryFraction <= 0 {
+		c.MemoryFraction = 0.8
 	}
 	if c.PrefillBudget <= 0 {
 		c.PrefillBudget = 512
@@ -64,45 +84,84 @@ func (c *Config) defaults() {
 	if c.MaxQueue <= 0 {
 		c.MaxQueue = 256
 	}
-	if c.MaxBodyBytes <= 0 {
-		c.MaxBodyBytes = 512 << 20
+	if c.MaxLoading <= 0 {
+		c.MaxLoading = 2
 	}
+	if c.MaxRequestBytes <= 0 {
+		c.MaxRequestBytes = 8 << 20
+	}
+	if c.MaxUploadBytes <= 0 {
+		c.MaxUploadBytes = 512 << 20
+	}
+}
+
+func parseBankType(s string) (ml.DType, error) {
+	switch strings.ToLower(s) {
+	case "", "f16":
+		return ml.DTypeF16, nil
+	case "f32":
+		return ml.DTypeF32, nil
+	case "q8_0", "q8":
+		return ml.DTypeQ80, nil
+	}
+	return 0, fmt.Errorf("--bank-type %q: want f16, f32 or q8_0", s)
 }
 
 // Server is a running model with its adapters and HTTP API.
 type Server struct {
 	cfg      Config
+	plan     *llama.MemoryPlan
 	model    *llama.Model
 	engine   *llama.Engine
 	registry *adapters.Registry
 	sched    *scheduler
 	metrics  *metrics
 	chat     *llama.ChatTemplate
-	handler  http.Handler
-	cancel   context.CancelFunc
-	started  time.Time
+	// specialIDs maps the text of every control token to its id.
+	specialIDs map[string]int32
+	handler    http.Handler
+	cancel     context.CancelFunc
+	started    time.Time
 }
 
-// New loads the model, registers every adapter file in the adapter
-// directory and starts the scheduler.
+// New plans memory, loads the model, registers every adapter file in the
+// adapter directory and starts the scheduler.
 func New(cfg Config) (*Server, error) {
 	cfg.defaults()
 	if cfg.AdapterDir == "" {
 		return nil, errors.New("an adapter directory is required")
 	}
-	m, err := llama.Load(cfg.ModelPath, llama.LoadOptions{Threads: cfg.Threads})
+	bankType, err := parseBankType(cfg.BankType)
 	if err != nil {
 		return nil, err
 	}
-	if cfg.ContextLength <= 0 {
-		cfg.ContextLength = min(m.Params.ContextLength, 4096)
+	info, err := llama.ReadInfo(cfg.ModelPath)
+	if err != nil {
+		return nil, err
+	}
+	avail, source, err := llama.AvailableMemory()
+	if err != nil {
+		return nil, err
+	}
+	plan, err := llama.Plan(info, llama.PlanRequest{
+		Budget: int64(cfg.MemoryFraction * float64(avail)), BudgetSource: fmt.Sprintf("%.0f%% of %s", 100*cfg.MemoryFraction, source),
+		MaxSeqLen: cfg.ContextLength, Parallel: cfg.Parallel, KVTokens: cfg.KVTokens, MaxResident: cfg.MaxResident,
+		MaxRank: cfg.MaxRank, PrefillBudget: cfg.PrefillBudget, CacheF32: cfg.CacheF32, BankType: bankType})
+	if err != nil {
+		return nil, err
+	}
+	cfg.ContextLength, cfg.Parallel, cfg.KVTokens = plan.MaxSeqLen, plan.Parallel, plan.KVTokens
+	cfg.MaxResident, cfg.MaxRank = plan.MaxResident, plan.MaxRank
+	m, err := llama.Load(cfg.ModelPath, llama.LoadOptions{Threads: cfg.Threads})
+	if err != nil {
+		return nil, err
 	}
 	chat, err := llama.NewChatTemplate(m.Backend().Config())
 	if err != nil {
 		m.Close()
 		return nil, err
 	}
-	reg, err := adapters.NewRegistry(cfg.AdapterDir, m.AdapterBase, cfg.ModelName)
+	reg, err := adapters.NewRegistry(cfg.AdapterDir, m.AdapterBase, adapters.RegistryOptions{Reserved: []string{cfg.ModelName}, MaxRank: cfg.MaxRank})
 	if err != nil {
 		m.Close()
 		return nil, err
@@ -112,20 +171,24 @@ func New(cfg Config) (*Server, error) {
 			slog.Warn("skipping adapter file", "path", r.Path, "error", r.Err)
 		}
 	}
-	e, err := llama.NewEngine(m, llama.EngineOptions{Slots: cfg.Parallel, SlotLen: cfg.ContextLength, CacheF32: cfg.CacheF32,
-		AdapterSlots: cfg.MaxResident, MaxRank: cfg.MaxRank})
+	opts := plan.EngineOptions()
+	opts.NoPrefixCache = cfg.NoPrefixCache
+	e, err := llama.NewEngine(m, opts)
 	if err != nil {
 		m.Close()
 		return nil, err
 	}
 	met := newMetrics()
-	sched, err := newScheduler(schedulerConfig{MaxQueue: cfg.MaxQueue, PrefillBudget: cfg.PrefillBudget}, e, reg, cfg.MaxResident, met)
-	if err != nil {
-		e.Close()
-		m.Close()
-		return nil, err
+	sched := newScheduler(schedulerConfig{MaxQueue: cfg.MaxQueue, Parallel: cfg.Parallel, PrefillBudget: cfg.PrefillBudget,
+		MaxLoading: cfg.MaxLoading, AgingLimit: 2 * time.Second, NoPrefixCache: cfg.NoPrefixCache}, e, reg, met)
+	s := &Server{cfg: cfg, plan: plan, model: m, engine: e, registry: reg, sched: sched, metrics: met, chat: chat, started: time.Now(),
+		specialIDs: map[string]int32{}}
+	v := m.Tokenizer.Vocabulary()
+	for id, t := range v.Types {
+		if t == tokenizer.TOKEN_TYPE_CONTROL && id < len(v.Values) {
+			s.specialIDs[v.Values[id]] = int32(id)
+		}
 	}
-	s := &Server{cfg: cfg, model: m, engine: e, registry: reg, sched: sched, metrics: met, chat: chat, started: time.Now()}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
 	go sched.run(ctx)
@@ -139,11 +202,19 @@ func (s *Server) Handler() http.Handler { return s.handler }
 // Config returns the effective configuration.
 func (s *Server) Config() Config { return s.cfg }
 
+// Plan is the memory plan the server runs with.
+func (s *Server) Plan() *llama.MemoryPlan { return s.plan }
+
 // ChatTemplate names the chat format in use.
 func (s *Server) ChatTemplate() string { return s.chat.Name }
 
 // Registry is the adapter registry.
 func (s *Server) Registry() *adapters.Registry { return s.registry }
+
+// Drain stops taking requests (new ones get 503), lets running and queued
+// requests finish until ctx ends, and then ends the rest with an error
+// (streams get an error chunk and [DONE]).
+func (s *Server) Drain(ctx context.Context) { s.sched.drainRequests(ctx) }
 
 // Close stops the scheduler (failing requests in flight) and frees the model.
 func (s *Server) Close() {
@@ -156,7 +227,6 @@ func (s *Server) Close() {
 func (s *Server) routes() http.Handler {
 	r := chi.NewRouter()
 	r.Use(middleware.Recoverer)
-	r.Use(s.limitBody)
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errNotFound("not_found", "no route for %s %s", r.Method, r.URL.Path))
 	})
@@ -165,9 +235,16 @@ func (s *Server) routes() http.Handler {
 			Message: fmt.Sprintf("method %s is not allowed on %s", r.Method, r.URL.Path)})
 	})
 	r.Get("/health", s.health)
-	r.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	r.Get("/ready", s.ready)
 	r.Group(func(r chi.Router) {
-		r.Use(s.auth(false))
+		if s.cfg.MetricsAuth {
+			r.Use(s.auth(s.cfg.APIKey, "API key"))
+		}
+		r.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	})
+	r.Group(func(r chi.Router) {
+		r.Use(s.limitBody(s.cfg.MaxRequestBytes, time.Minute))
+		r.Use(s.auth(s.cfg.APIKey, "API key"))
 		r.Post("/v1/chat/completions", generateHandler[ChatRequest](s, "chat"))
 		r.Post("/v1/completions", generateHandler[CompletionRequest](s, "completions"))
 		r.Get("/v1/models", s.listModels)
@@ -176,7 +253,8 @@ func (s *Server) routes() http.Handler {
 		r.Get("/v1/adapters/{name}", s.getAdapter)
 	})
 	r.Group(func(r chi.Router) {
-		r.Use(s.auth(true))
+		r.Use(s.limitBody(s.cfg.MaxUploadBytes, 10*time.Minute))
+		r.Use(s.adminAuth)
 		r.Post("/v1/adapters", s.registerAdapter)
 		r.Delete("/v1/adapters/{name}", s.deleteAdapter)
 		r.Post("/v1/load_lora_adapter", s.vllmLoad)
@@ -185,51 +263,98 @@ func (s *Server) routes() http.Handler {
 	return r
 }
 
-func (s *Server) limitBody(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		r.Body = http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
-		next.ServeHTTP(w, r)
-	})
-}
-
-// auth checks the Bearer key: the API key for inference, the admin key
-// (or, without one, the API key) for adapter changes.
-func (s *Server) auth(admin bool) func(http.Handler) http.Handler {
-	key := s.cfg.APIKey
-	if admin && s.cfg.AdminKey != "" {
-		key = s.cfg.AdminKey
-	}
+// limitBody caps a request body at n bytes and gives the client timeout
+// to send it (a slow body cannot hold a handler and its connection open
+// forever); once the body is read, the deadline is lifted so that a long
+// stream is not cut off.
+func (s *Server) limitBody(n int64, timeout time.Duration) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if key != "" {
-				got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-				if !ok || !constantTimeEqual(got, key) {
-					what := "API key"
-					if admin {
-						what = "admin key"
-					}
-					writeError(w, &apiError{Status: http.StatusUnauthorized, Type: "authentication_error", Code: "invalid_api_key",
-						Message: "missing or invalid " + what + ": send Authorization: Bearer <key>"})
-					return
-				}
+			rc := http.NewResponseController(w)
+			if rc.SetReadDeadline(time.Now().Add(timeout)) == nil {
+				r.Body = &deadlineBody{ReadCloser: r.Body, rc: rc}
+			}
+			r.Body = http.MaxBytesReader(w, r.Body, n)
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+// deadlineBody lifts the connection's read deadline when the body ends.
+type deadlineBody struct {
+	io.ReadCloser
+	rc     *http.ResponseController
+	lifted bool
+}
+
+func (b *deadlineBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && !b.lifted {
+		b.lifted = true
+		b.rc.SetReadDeadline(time.Time{})
+	}
+	return n, err
+}
+
+// auth checks a Bearer key (none configured: open).
+func (s *Server) auth(key, what string) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if key != "" && !bearerIs(r, key) {
+				writeError(w, &apiError{Status: http.StatusUnauthorized, Type: "authentication_error", Code: "invalid_api_key",
+					Message: "missing or invalid " + what + ": send Authorization: Bearer <key>"})
+				return
 			}
 			next.ServeHTTP(w, r)
 		})
 	}
 }
 
-func constantTimeEqual(a, b string) bool {
-	if len(a) != len(b) {
+// adminAuth guards adapter changes: with an admin key, only that key
+// passes (never the API key); without one, only loopback clients do.
+func (s *Server) adminAuth(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case s.cfg.AdminKey != "":
+			if !bearerIs(r, s.cfg.AdminKey) {
+				writeError(w, &apiError{Status: http.StatusUnauthorized, Type: "authentication_error", Code: "invalid_api_key",
+					Message: "missing or invalid admin key: send Authorization: Bearer <admin key>"})
+				return
+			}
+		case !fromLoopback(r):
+			writeError(w, &apiError{Status: http.StatusForbidden, Type: "permission_error", Code: "admin_disabled",
+				Message: "the adapter admin API answers only loopback clients unless the server has an admin key (--admin-key)"})
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func bearerIs(r *http.Request, key string) bool {
+	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	return ok && subtle.ConstantTimeCompare([]byte(got), []byte(key)) == 1
+}
+
+func fromLoopback(r *http.Request) bool {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
 		return false
 	}
-	var v byte
-	for i := 0; i < len(a); i++ {
-		v |= a[i] ^ b[i]
-	}
-	return v == 0
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "model": s.cfg.ModelName,
 		"adapters": s.registry.Len(), "uptime_seconds": int(time.Since(s.started).Seconds())})
+}
+
+// ready is the readiness probe: the model is loaded (the listener opens
+// after that) and the server is not draining.
+func (s *Server) ready(w http.ResponseWriter, r *http.Request) {
+	if s.sched.draining.Load() {
+		writeError(w, errShuttingDown)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ready"})
 }

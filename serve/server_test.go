@@ -333,7 +333,8 @@ func TestChunkedPrefillKeepsDecoding(t *testing.T) {
 	}
 }
 
-// TestLRUEvictionUnderLoad serves five adapters with room for two resident:
+// TestLRUEvictionUnderLoad serves five adapters (FA, FB, LoRA) with a
+// bank of two LoRA-sized slots:
 // concurrent requests must wait for pinned adapters rather than evict them,
 // every response must match its solo output, and evictions must show in
 // /metrics.
@@ -372,8 +373,27 @@ func TestLRUEvictionUnderLoad(t *testing.T) {
 	if ev := s.metric(t, "sbora_adapter_evictions_total"); ev < 3 {
 		t.Errorf("sbora_adapter_evictions_total = %v with 5 adapters and 2 resident slots", ev)
 	}
-	if res := s.metric(t, "sbora_resident_adapters"); res > 2 {
-		t.Errorf("%v adapters resident, limit 2", res)
+	// Two LoRA-sized slots: two A halves (FB, LoRA) and two B halves (FA,
+	// LoRA).
+	_, body := s.do(t, "GET", "/v1/adapters", nil)
+	var list struct {
+		Data []struct {
+			Variant  string `json:"variant"`
+			Resident bool   `json:"resident"`
+		} `json:"data"`
+	}
+	if err := json.Unmarshal(body, &list); err != nil {
+		t.Fatal(err)
+	}
+	aHalves, bHalves := 0, 0
+	for _, a := range list.Data {
+		if a.Resident {
+			aHalves += map[string]int{"fb": 1, "lora": 1}[a.Variant]
+			bHalves += map[string]int{"fa": 1, "lora": 1}[a.Variant]
+		}
+	}
+	if aHalves > 2 || bHalves > 2 {
+		t.Errorf("resident adapters take %d A and %d B halves, the bank has 2 of each", aHalves, bHalves)
 	}
 	t.Logf("evictions %v, loads %v", s.metric(t, "sbora_adapter_evictions_total"), s.metric(t, "sbora_adapter_loads_total"))
 }

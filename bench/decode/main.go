@@ -72,7 +72,8 @@ func main() {
 	}
 	defer o.Close()
 
-	e, err := llama.NewEngine(m, llama.EngineOptions{Slots: *batch, SlotLen: slotLen, AdapterSlots: *batch, MaxRank: *rank})
+	e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: (*batch + 2) * slotLen, MaxSeqLen: slotLen, NoPrefixCache: true,
+		Bank: kernels.Config{Slots: *batch, MaxRank: *rank}})
 	if err != nil {
 		fatal(err)
 	}
@@ -110,7 +111,9 @@ func main() {
 // and our engine with uses. It returns each one's tok/s from its median
 // decode step time.
 func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, n int, uses []kernels.Use) (ref, base, adapted float64) {
-	seqs := []llama.Seq{{Slot: 0, Tokens: prompt}, {Slot: 1, Tokens: prompt, Adapters: uses}}
+	seqs := []llama.Seq{{KV: e.Pool.NewSeq(0), Tokens: prompt}, {KV: e.Pool.NewSeq(0), Tokens: prompt, Adapters: uses}}
+	defer seqs[0].KV.Release()
+	defer seqs[1].KV.Release()
 	times := [3][]time.Duration{}
 	logits, err := o.Prefill(prompt)
 	if err != nil {
@@ -128,6 +131,7 @@ func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, n int, uses []
 		}
 		for i := range seqs {
 			start := time.Now()
+			reserve(seqs[i])
 			res, err := e.Step([]llama.Seq{seqs[i]})
 			if err != nil {
 				fatal(err)
@@ -135,7 +139,6 @@ func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, n int, uses []
 			if step > 0 { // the prefill is not a decode step
 				times[i] = append(times[i], time.Since(start))
 			}
-			seqs[i].Pos += len(seqs[i].Tokens)
 			seqs[i].Tokens = []int32{oracle.Argmax(res[0][0])}
 		}
 	}
@@ -161,7 +164,9 @@ func greedyStreamsPer(e *llama.Engine, prompt []int32, n int, uses [][]kernels.U
 	k := len(uses)
 	seqs := make([]llama.Seq, k)
 	for i := range seqs {
-		seqs[i] = llama.Seq{Slot: i, Tokens: prompt, Adapters: uses[i]}
+		seqs[i] = llama.Seq{KV: e.Pool.NewSeq(0), Tokens: prompt, Adapters: uses[i]}
+		reserve(seqs[i])
+		defer seqs[i].KV.Release()
 	}
 	res, err := e.Step(seqs)
 	if err != nil {
@@ -170,14 +175,21 @@ func greedyStreamsPer(e *llama.Engine, prompt []int32, n int, uses [][]kernels.U
 	start := time.Now()
 	for step := 0; step < n; step++ {
 		for i := range seqs {
-			seqs[i].Pos += len(seqs[i].Tokens)
 			seqs[i].Tokens = []int32{oracle.Argmax(res[i][0])}
+			reserve(seqs[i])
 		}
 		if res, err = e.Step(seqs); err != nil {
 			fatal(err)
 		}
 	}
 	return float64(n*k) / time.Since(start).Seconds()
+}
+
+// reserve makes room for a sequence's next tokens.
+func reserve(s llama.Seq) {
+	if err := s.KV.Reserve(len(s.Tokens)); err != nil {
+		fatal(err)
+	}
 }
 
 // fatal reports err and exits. (log.Fatal would be swallowed: slog's

@@ -72,7 +72,8 @@ func runGenerate(args []string) error {
 		maxRank = max(maxRank, ad.Rank)
 		loaded = append(loaded, ad)
 	}
-	e, err := llama.NewEngine(m, llama.EngineOptions{Slots: 1, SlotLen: slotLen, AdapterSlots: max(1, len(loaded)), MaxRank: maxRank})
+	e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: slotLen, MaxSeqLen: slotLen,
+		Bank: kernels.Config{Slots: max(1, len(loaded)), MaxRank: maxRank}})
 	if err != nil {
 		return err
 	}

@@ -50,7 +50,7 @@ func runAdaptersExport(args []string) error {
 	format := fs.String("format", "llama.cpp-lora", "output format: llama.cpp-lora")
 	in := fs.String("in", "", "adapter GGUF (SBoRA or LoRA)")
 	out := fs.String("out", "", "output GGUF")
-	f16 := fs.Bool("f16", false, "store the matrices as F16")
+	f32 := fs.Bool("f32", false, "store the matrices as F32 (default F16, as llama.cpp's converter writes them)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -65,7 +65,7 @@ func runAdaptersExport(args []string) error {
 		return err
 	}
 	l := a.ToLoRA()
-	if err := l.Save(*out, adapters.SaveOptions{F16: *f16}); err != nil {
+	if err := l.Save(*out, adapters.SaveOptions{F32: *f32}); err != nil {
 		return err
 	}
 	fmt.Printf("exported %s (%s rank %d) as a dense llama.cpp LoRA -> %s\n", *in, a.Variant, a.Rank, *out)

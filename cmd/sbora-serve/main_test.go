@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"github.com/ollama/ollama/ml"
 	"math"
 	"os"
 	"os/exec"
@@ -152,7 +153,7 @@ func TestTrainCommand(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reg, err := adapters.NewRegistry(dir, base, "stories260K")
+	reg, err := adapters.NewRegistry(dir, base, adapters.RegistryOptions{Reserved: []string{"stories260K"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +187,10 @@ func TestAdapterTools(t *testing.T) {
 
 	// export → llama.cpp
 	lora := filepath.Join(dir, "fa-lora.gguf")
-	must("adapters", "export", "--format", "llama.cpp-lora", "--in", fa, "--out", lora)
+	// F32 export and an F32 bank: llama.cpp and our engine then compute the
+	// adapter term at float32 precision (F16 would round x to F16 in both,
+	// differently).
+	must("adapters", "export", "--format", "llama.cpp-lora", "--in", fa, "--out", lora, "--f32")
 	o, err := oracle.Open(model, []oracle.LoRA{{Path: lora, Scale: 1}}, oracle.Options{CacheF32: true, NoFlashAttention: true})
 	if err != nil {
 		t.Fatal(err)
@@ -202,7 +206,7 @@ func TestAdapterTools(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	e, err := llama.NewEngine(m, llama.EngineOptions{Slots: 1, SlotLen: 64, CacheF32: true, MaxRank: 8})
+	e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: 64, CacheF32: true, Bank: kernels.Config{MaxRank: 8, DType: ml.DTypeF32}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +219,11 @@ func TestAdapterTools(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := e.Step([]llama.Seq{{Tokens: prompt, Adapters: []kernels.Use{{Adapter: r, Scale: 1}}, AllLogits: true}})
+	kv := e.Pool.NewSeq(0)
+	if err := kv.Reserve(len(prompt)); err != nil {
+		t.Fatal(err)
+	}
+	got, err := e.Step([]llama.Seq{{KV: kv, Tokens: prompt, Adapters: []kernels.Use{{Adapter: r, Scale: 1}}, AllLogits: true}})
 	if err != nil {
 		t.Fatal(err)
 	}

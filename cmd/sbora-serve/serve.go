@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 	"time"
 
@@ -22,17 +23,26 @@ func runServe(args []string) error {
 	fs.StringVar(&cfg.ModelName, "model-name", "", "the base model's id in the API (default: file name)")
 	fs.StringVar(&cfg.AdapterDir, "adapter-dir", "adapters", "directory of adapter files; every *.gguf is registered at start")
 	addr := fs.String("addr", "127.0.0.1:8080", "listen address (port 0 picks a free port)")
-	fs.IntVar(&cfg.MaxResident, "max-resident", 16, "adapters kept in engine memory (LRU beyond)")
-	fs.IntVar(&cfg.MaxRank, "max-rank", 64, "largest adapter rank accepted")
-	fs.IntVar(&cfg.Parallel, "parallel", 16, "sequences decoded together (KV slots)")
-	fs.IntVar(&cfg.ContextLength, "ctx", 0, "context length per sequence (0 = the model's, at most 4096)")
+	fs.Float64Var(&cfg.MemoryFraction, "memory-fraction", 0.8, "share of the available memory the server plans to use")
+	fs.IntVar(&cfg.MaxResident, "max-resident", 0, "adapter bank size in LoRA-sized slots; an FA or FB adapter takes half a slot (0 = planned: up to 16)")
+	fs.IntVar(&cfg.MaxRank, "max-rank", 0, "largest adapter rank accepted (0 = 64)")
+	fs.IntVar(&cfg.Parallel, "parallel", 0, "most sequences running at once (0 = 16)")
+	fs.IntVar(&cfg.ContextLength, "ctx", 0, "longest sequence, prompt plus completion (0 = the model's, at most 4096)")
+	fs.IntVar(&cfg.KVTokens, "kv-tokens", 0, "KV pool size in tokens, shared by all sequences (0 = planned)")
 	fs.IntVar(&cfg.PrefillBudget, "prefill-budget", 512, "prompt tokens per engine step (chunked prefill)")
 	fs.IntVar(&cfg.MaxQueue, "max-queue", 256, "requests waiting beyond which new ones get 429")
+	fs.IntVar(&cfg.MaxLoading, "max-loading", 2, "adapter files read at once")
 	fs.IntVar(&cfg.Threads, "threads", 0, "CPU threads (0 = all cores)")
 	fs.BoolVar(&cfg.CacheF32, "cache-f32", false, "keep the KV cache in F32 instead of F16")
+	fs.BoolVar(&cfg.NoPrefixCache, "no-prefix-cache", false, "do not reuse the KV blocks of shared prompt prefixes")
+	fs.StringVar(&cfg.BankType, "bank-type", "f16", "adapter bank storage: f16, f32 or q8_0")
 	fs.StringVar(&cfg.APIKey, "api-key", os.Getenv("SBORA_API_KEY"), "Bearer key for inference endpoints (env SBORA_API_KEY)")
-	fs.StringVar(&cfg.AdminKey, "admin-key", os.Getenv("SBORA_ADMIN_KEY"), "Bearer key for adapter changes (env SBORA_ADMIN_KEY; default: the API key)")
-	fs.Int64Var(&cfg.MaxBodyBytes, "max-body", 512<<20, "largest request body in bytes (adapter uploads included)")
+	fs.StringVar(&cfg.AdminKey, "admin-key", os.Getenv("SBORA_ADMIN_KEY"), "Bearer key for adapter changes (env SBORA_ADMIN_KEY); without it the admin API answers loopback clients only")
+	fs.BoolVar(&cfg.MetricsAuth, "metrics-auth", false, "require the API key for /metrics")
+	fs.BoolVar(&cfg.MetricsAdapterNames, "metrics-adapter-names", false, "label metrics with adapter names (they are tenant names; off: \"adapter\")")
+	fs.Int64Var(&cfg.MaxRequestBytes, "max-request-bytes", 8<<20, "largest inference request body")
+	fs.Int64Var(&cfg.MaxUploadBytes, "max-upload-bytes", 512<<20, "largest adapter upload")
+	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long running requests may finish before they are ended")
 	verbose := fs.Bool("verbose", false, "log engine details to stderr")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -51,10 +61,11 @@ func runServe(args []string) error {
 		return err
 	}
 	eff := srv.Config()
+	fmt.Fprintf(os.Stderr, "sbora-serve: %s\n", srv.Plan())
 	fmt.Fprintf(os.Stderr, "sbora-serve: model %s (%s), %d adapters registered from %s, chat template %s\n",
 		eff.ModelName, eff.ModelPath, srv.Registry().Len(), srv.Registry().Dir(), srv.ChatTemplate())
 	fmt.Fprintf(os.Stderr, "sbora-serve: listening on http://%s\n", ln.Addr())
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 30 * time.Second}
+	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	errc := make(chan error, 1)
@@ -64,8 +75,26 @@ func runServe(args []string) error {
 		return err
 	case <-ctx.Done():
 	}
-	fmt.Fprintln(os.Stderr, "sbora-serve: shutting down")
-	shutdown, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	fmt.Fprintf(os.Stderr, "sbora-serve: draining (up to %s)\n", *drain)
+	// Stop accepting connections and let requests in flight finish; after
+	// the drain timeout the scheduler ends what is left (streams get an
+	// error chunk and [DONE]), so every handler returns.
+	drainCtx, cancelDrain := context.WithTimeout(context.Background(), *drain)
+	defer cancelDrain()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		srv.Drain(drainCtx)
+	}()
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), *drain+10*time.Second)
 	defer cancel()
-	return hs.Shutdown(shutdown)
+	err = hs.Shutdown(shutdownCtx)
+	wg.Wait()
+	if err != nil {
+		hs.Close()
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	fmt.Fprintln(os.Stderr, "sbora-serve: stopped")
+	return nil
 }

@@ -142,3 +142,14 @@ func WriteInts(t ml.Tensor, offset int, v []int32) {
 		WriteAt(t, 4*offset, unsafe.Slice((*byte)(unsafe.Pointer(&v[0])), 4*len(v)))
 	}
 }
+
+// HostData returns t's backend memory as a byte slice when it lives in host
+// memory (the CPU backend), or nil: a writer may then fill it in place
+// instead of staging a copy and uploading it.
+func HostData(t ml.Tensor) []byte {
+	rt := rawTensor(t)
+	if rt.buffer == nil || rt.data == nil || !bool(C.ggml_backend_buffer_is_host(rt.buffer)) {
+		return nil
+	}
+	return unsafe.Slice((*byte)(rt.data), int(C.ggml_nbytes(rt)))
+}

@@ -124,3 +124,27 @@ func TestWriteFileAtomicKeepsOldFileOnFailure(t *testing.T) {
 		t.Fatalf("temporary file left: %v", entries)
 	}
 }
+
+// TestOverlappingTensorsFail is a regression test: a file whose tensors
+// share data bytes was accepted, so a small upload could describe many
+// large tensors over the same bytes and make a reader allocate many times
+// the file's size.
+func TestOverlappingTensorsFail(t *testing.T) {
+	_, raw := sample(t)
+	// Tensor b's info: name (u64 length 1, "b"), 1 dimension, 64, Q8_0 (8), offset.
+	info := []byte{1, 0, 0, 0, 0, 0, 0, 0, 'b', 1, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0}
+	at := bytes.Index(raw, info)
+	if at < 0 {
+		t.Fatal("tensor b's info not found")
+	}
+	bad := bytes.Clone(raw)
+	copy(bad[at+len(info):], make([]byte, 8)) // offset 0: tensor a's bytes
+	if _, err := Read(bytes.NewReader(raw), int64(len(raw))); err != nil {
+		t.Fatalf("the unpatched file fails: %v", err)
+	}
+	_, err := Read(bytes.NewReader(bad), int64(len(bad)))
+	if !errors.Is(err, ErrFormat) {
+		t.Fatalf("overlapping tensors: %v, want ErrFormat", err)
+	}
+	t.Log(err)
+}

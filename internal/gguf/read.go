@@ -8,6 +8,7 @@ import (
 	"io"
 	"math"
 	"os"
+	"sort"
 )
 
 // Magic is the first four bytes of every GGUF file.
@@ -389,6 +390,20 @@ func Read(r io.ReaderAt, size int64) (*File, error) {
 	for _, t := range f.Tensors {
 		if t.Offset > dataSize || t.Size() > dataSize-t.Offset {
 			return nil, formatErr("tensor %q data [%d, +%d) runs past the end of the file (data section is %d bytes)", t.Name, t.Offset, t.Size(), dataSize)
+		}
+	}
+	// Tensors must not share bytes: otherwise a small file could describe
+	// many tensors over the same data and make readers allocate many times
+	// its size.
+	order := make([]int, len(f.Tensors))
+	for i := range order {
+		order[i] = i
+	}
+	sort.Slice(order, func(i, j int) bool { return f.Tensors[order[i]].Offset < f.Tensors[order[j]].Offset })
+	for k := 1; k < len(order); k++ {
+		prev, t := f.Tensors[order[k-1]], f.Tensors[order[k]]
+		if prev.Offset+prev.Size() > t.Offset {
+			return nil, formatErr("tensors %q and %q overlap (data [%d, +%d) and [%d, +%d))", prev.Name, t.Name, prev.Offset, prev.Size(), t.Offset, t.Size())
 		}
 	}
 	return f, nil

@@ -36,7 +36,8 @@ func (t *Trainer) SaveCheckpoint(dir string) error {
 		return err
 	}
 	a := t.params.Adapter(t.cfg.Name, t.m.AdapterBase)
-	if err := a.Save(filepath.Join(sub, "adapter.gguf"), adapters.SaveOptions{}); err != nil {
+	// F32: a resumed run must continue from exactly these values.
+	if err := a.Save(filepath.Join(sub, "adapter.gguf"), adapters.SaveOptions{F32: true}); err != nil {
 		return err
 	}
 	if err := gguf.WriteFileAtomic(filepath.Join(sub, "optimizer.bin"), func(w io.Writer) error {

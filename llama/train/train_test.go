@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/ollama/ollama/ml"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -223,7 +224,7 @@ func TestTrainingLearnsAFact(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		e, err := llama.NewEngine(m, llama.EngineOptions{Slots: 1, SlotLen: 128, MaxRank: 8})
+		e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: 128, Bank: kernels.Config{MaxRank: 8}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -263,7 +264,8 @@ func TestEvalLossMatchesEngine(t *testing.T) {
 			t.Fatal(err)
 		}
 		path := filepath.Join(t.TempDir(), "a.gguf")
-		if err := tr.Params().Adapter("a", m.AdapterBase).Save(path, adapters.SaveOptions{}); err != nil {
+		// F32 file and bank: the check is to float32 precision.
+		if err := tr.Params().Adapter("a", m.AdapterBase).Save(path, adapters.SaveOptions{F32: true}); err != nil {
 			t.Fatal(err)
 		}
 		tr.Params().Close()
@@ -271,7 +273,7 @@ func TestEvalLossMatchesEngine(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		e, err := llama.NewEngine(m, llama.EngineOptions{Slots: 1, SlotLen: 128, MaxRank: 8, CacheF32: true})
+		e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: 128, CacheF32: true, Bank: kernels.Config{MaxRank: 8, DType: ml.DTypeF32}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -281,7 +283,12 @@ func TestEvalLossMatchesEngine(t *testing.T) {
 		}
 		sum, n := 0.0, 0
 		for _, ex := range evalSet {
-			res, err := e.Step([]llama.Seq{{Slot: 0, Tokens: ex.Tokens, Adapters: []kernels.Use{{Adapter: r, Scale: 1}}, AllLogits: true}})
+			kv := e.Pool.NewSeq(0)
+			if err := kv.Reserve(len(ex.Tokens)); err != nil {
+				t.Fatal(err)
+			}
+			res, err := e.Step([]llama.Seq{{KV: kv, Tokens: ex.Tokens, Adapters: []kernels.Use{{Adapter: r, Scale: 1}}, AllLogits: true}})
+			kv.Release()
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -1,0 +1,209 @@
+package llama
+
+import (
+	"encoding/binary"
+	"slices"
+
+	"github.com/ollama/ollama/ml"
+	"github.com/x448/float16"
+
+	"github.com/sbora-serve/sbora-serve/internal/ggmlx"
+)
+
+// seqSpan is where one sequence's tokens sit in a step.
+type seqSpan struct {
+	kv      *SeqKV
+	pos0, n int
+	first   int // batch row of its first token
+}
+
+// attnGroup is one batched attention call over nSeqs sequences with the
+// same number of query rows, each reading its own first nb blocks (gathered
+// into a contiguous [nb·BlockSize] stretch per sequence).
+type attnGroup struct {
+	nSeqs  int
+	q      int     // query rows per sequence
+	nb     int     // blocks read per sequence
+	blocks []int32 // [nb·nSeqs]: block ids, sequence-major (padding: block 0, masked)
+	qRows  []int32 // [q·nSeqs]: batch row of each query
+	// qFirst is the first query row when qRows is one contiguous run
+	// (then the queries are a view, not a gather); -1 otherwise.
+	qFirst int
+	mask   []byte // F16 [nb·BlockSize, q, 1, nSeqs]
+}
+
+// attentionPlan is the host-side layout of a step's attention, shared by all
+// layers: where each token is written, the groups, and the gather that
+// restores batch order after them.
+type attentionPlan struct {
+	tokens   int
+	writeIdx []int32 // per token: its pool row
+	groups   []attnGroup
+	// outRows maps batch row t to its row in the concatenated group
+	// outputs; nil when the groups' outputs are already in batch order.
+	outRows []int32
+}
+
+var (
+	f16NegInf = float16.Inf(-1).Bits()
+	f16Zero   = float16.Fromfloat32(0).Bits()
+)
+
+// decodeMergeSlack bounds the padding a decode group may add: a sequence
+// joins a group whose longest member has at most 1.5× its blocks plus this.
+const decodeMergeSlack = 2
+
+// planAttention gives each multi-token sequence (a prefill chunk) its own
+// group and batches single-token sequences (decode) in groups of similar
+// length, so that padding to the longest member stays small.
+func planAttention(spans []seqSpan, blockSize int) *attentionPlan {
+	p := &attentionPlan{}
+	for _, s := range spans {
+		p.tokens += s.n
+	}
+	p.writeIdx = make([]int32, p.tokens)
+	for _, s := range spans {
+		for j := 0; j < s.n; j++ {
+			p.writeIdx[s.first+j] = s.kv.rowOf(s.pos0 + j)
+		}
+	}
+	blocksFor := func(n int) int { return (n + blockSize - 1) / blockSize }
+	var decode []seqSpan
+	for _, s := range spans {
+		if s.n == 1 {
+			decode = append(decode, s)
+			continue
+		}
+		p.groups = append(p.groups, newGroup([]seqSpan{s}, blocksFor(s.pos0+s.n), blockSize))
+	}
+	slices.SortStableFunc(decode, func(a, b seqSpan) int { return a.pos0 - b.pos0 })
+	for i := 0; i < len(decode); {
+		lo := blocksFor(decode[i].pos0 + 1)
+		j := i + 1
+		for j < len(decode) && 2*blocksFor(decode[j].pos0+1) <= 3*lo+2*decodeMergeSlack {
+			j++
+		}
+		p.groups = append(p.groups, newGroup(decode[i:j], blocksFor(decode[j-1].pos0+1), blockSize))
+		i = j
+	}
+	// Where does each batch row land in the concatenated outputs?
+	p.outRows = make([]int32, p.tokens)
+	identity := true
+	base := 0
+	for _, g := range p.groups {
+		for cell, row := range g.qRows {
+			p.outRows[row] = int32(base + cell)
+			identity = identity && int(row) == base+cell
+		}
+		base += len(g.qRows)
+	}
+	if identity {
+		p.outRows = nil
+	}
+	return p
+}
+
+func newGroup(seqs []seqSpan, nb, blockSize int) attnGroup {
+	q := seqs[0].n
+	g := attnGroup{nSeqs: len(seqs), q: q, nb: nb, blocks: make([]int32, 0, nb*len(seqs)), qRows: make([]int32, 0, q*len(seqs))}
+	kvLen := nb * blockSize
+	g.mask = make([]byte, 2*kvLen*q*len(seqs))
+	for i, s := range seqs {
+		g.blocks = append(g.blocks, s.kv.blocks[:min(nb, len(s.kv.blocks))]...)
+		for len(g.blocks) < (i+1)*nb {
+			g.blocks = append(g.blocks, 0)
+		}
+		for j := 0; j < s.n; j++ {
+			g.qRows = append(g.qRows, int32(s.first+j))
+			cell := i*q + j
+			fillMaskRow(g.mask[2*cell*kvLen:2*(cell+1)*kvLen], s.pos0+j)
+		}
+	}
+	g.qFirst = int(g.qRows[0])
+	for k, r := range g.qRows {
+		if int(r) != g.qFirst+k {
+			g.qFirst = -1
+			break
+		}
+	}
+	return g
+}
+
+// fillMaskRow writes an F16 mask row allowing positions 0..last.
+func fillMaskRow(row []byte, last int) {
+	for p := 0; p < len(row)/2; p++ {
+		v := f16NegInf
+		if p <= last {
+			v = f16Zero
+		}
+		binary.LittleEndian.PutUint16(row[2*p:], v)
+	}
+}
+
+// pagedAttention is the Attender of an inference step.
+type pagedAttention struct {
+	m        *Model
+	pool     *KVPool
+	plan     *attentionPlan
+	writeIdx ml.Tensor
+	groups   []boundGroup
+	outRows  ml.Tensor
+}
+
+type boundGroup struct {
+	attnGroup
+	blocksT, qRowsT, maskT ml.Tensor // the group's inputs in the step
+}
+
+func (p *KVPool) bind(ctx ml.Context, m *Model, plan *attentionPlan) *pagedAttention {
+	a := &pagedAttention{m: m, pool: p, plan: plan}
+	a.writeIdx = ctx.Input().FromInts(plan.writeIdx, len(plan.writeIdx))
+	for _, g := range plan.groups {
+		bg := boundGroup{attnGroup: g,
+			blocksT: ctx.Input().FromInts(g.blocks, len(g.blocks)),
+			maskT:   ctx.Input().FromBytes(ml.DTypeF16, g.mask, g.nb*p.BlockSize, g.q, 1, g.nSeqs)}
+		if g.qFirst < 0 {
+			bg.qRowsT = ctx.Input().FromInts(g.qRows, len(g.qRows))
+		}
+		a.groups = append(a.groups, bg)
+	}
+	if plan.outRows != nil {
+		a.outRows = ctx.Input().FromInts(plan.outRows, len(plan.outRows))
+	}
+	return a
+}
+
+func (a *pagedAttention) Attend(ctx ml.Context, layer int, q, k, v ml.Tensor) ml.Tensor {
+	p, cfg := a.pool, a.m.Params
+	T := a.plan.tokens
+	bs, nBlocks := p.BlockSize, p.Blocks()
+	// Store the new keys and values; reading through the stores' results
+	// orders every read after them.
+	keys := p.keys[layer].SetRows(ctx, k.Reshape(ctx, p.kvDim, T), a.writeIdx).Reshape(ctx, p.kvDim*bs, nBlocks)
+	values := p.values[layer].SetRows(ctx, v.Reshape(ctx, p.kvDim, T), a.writeIdx).Reshape(ctx, p.kvDim*bs, nBlocks)
+	qFlat := q.Reshape(ctx, cfg.QDim(), T)
+	var out ml.Tensor
+	for _, g := range a.groups {
+		var qg ml.Tensor
+		if g.qRowsT == nil {
+			qg = qFlat.View(ctx, g.qFirst*qFlat.Stride(1), cfg.QDim()*g.q*g.nSeqs)
+		} else {
+			qg = qFlat.Rows(ctx, g.qRowsT)
+		}
+		qg = qg.Reshape(ctx, cfg.HeadDim, cfg.Heads, g.q, g.nSeqs)
+		kvLen := g.nb * bs
+		kg := ggmlx.GatherRows(ctx, keys, g.blocksT).Reshape(ctx, cfg.HeadDim, cfg.KVHeads, kvLen, g.nSeqs)
+		vg := ggmlx.GatherRows(ctx, values, g.blocksT).Reshape(ctx, cfg.HeadDim, cfg.KVHeads, kvLen, g.nSeqs)
+		o := qg.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, kg, vg, g.maskT, nil, nil, a.m.AttentionScale(), true)
+		o = o.Reshape(ctx, cfg.QDim(), g.q*g.nSeqs)
+		if out == nil {
+			out = o
+		} else {
+			out = out.Concat(ctx, o, 1)
+		}
+	}
+	if a.outRows != nil {
+		out = out.Rows(ctx, a.outRows)
+	}
+	return out
+}
