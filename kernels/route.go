@@ -185,6 +185,10 @@ func (b *Bound) Project(ctx ml.Context, t adapters.Target, x, h ml.Tensor) ml.Te
 	return h
 }
 
+// MaxNodesPerModule bounds NodesPerModule for any routing (every variant,
+// MaxCompose adapters each).
+const MaxNodesPerModule = 28 + 10*MaxCompose
+
 // NodesPerModule bounds the graph nodes the routed adapters add to one
 // projection, for sizing the step graph.
 func (r *Routing) NodesPerModule() int {

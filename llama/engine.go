@@ -96,38 +96,11 @@ type Seq struct {
 // Step runs one forward pass over all sequences and returns each sequence's
 // logits: one row per token with AllLogits, else one row (none with NoLogits).
 func (e *Engine) Step(seqs []Seq) ([][][]float32, error) {
-	spans, uses, tokens, positions, outputs, err := e.layout(seqs)
+	ctx, logits, err := e.build(seqs)
 	if err != nil {
 		return nil, err
 	}
-	routing, err := e.Bank.Route(uses)
-	if err != nil {
-		return nil, err
-	}
-	plan := planAttention(spans, e.Pool.BlockSize)
-	ggmlx.EnsureGraphNodes(e.Model.Backend(), e.graphBudget(len(plan.groups), routing))
-
-	ctx := e.Model.Backend().NewContext()
 	defer ctx.Close()
-	ctx.SetBatchSize(len(tokens))
-	tokT := ctx.Input().FromInts(tokens, len(tokens))
-	posT := ctx.Input().FromInts(positions, len(positions))
-	var outT ml.Tensor
-	if len(outputs) == 0 {
-		// Nothing to return: still run the layers to fill the cache, keeping
-		// one row so the graph has an output.
-		outputs = []int32{0}
-	}
-	if len(outputs) != len(tokens) || !isIdentity(outputs) {
-		outT = ctx.Input().FromInts(outputs, len(outputs))
-	}
-	var proj Projector
-	if !routing.Empty() {
-		proj = routing.Bind(ctx)
-	}
-	att := e.Pool.bind(ctx, e.Model, plan)
-	hidden := e.Model.Transformer(ctx, tokT, posT, outT, att, proj)
-	logits := e.Model.Logits(ctx, hidden)
 	ctx.Forward(logits).Compute(logits)
 	flat := logits.Floats()
 	vocab := logits.Dim(0)
@@ -152,6 +125,76 @@ func (e *Engine) Step(seqs []Seq) ([][][]float32, error) {
 		row += n
 	}
 	return result, nil
+}
+
+// build lays out a step and builds its graph in a new context (the caller
+// closes it); the returned tensor is the logits.
+func (e *Engine) build(seqs []Seq) (ml.Context, ml.Tensor, error) {
+	spans, uses, tokens, positions, outputs, err := e.layout(seqs)
+	if err != nil {
+		return nil, nil, err
+	}
+	routing, err := e.Bank.Route(uses)
+	if err != nil {
+		return nil, nil, err
+	}
+	plan := planAttention(spans, e.Pool.BlockSize)
+	ggmlx.EnsureGraphNodes(e.Model.Backend(), e.graphBudget(len(plan.groups), routing.NodesPerModule()))
+
+	ctx := e.Model.Backend().NewContext()
+	ctx.SetBatchSize(len(tokens))
+	tokT := ctx.Input().FromInts(tokens, len(tokens))
+	posT := ctx.Input().FromInts(positions, len(positions))
+	var outT ml.Tensor
+	if len(outputs) == 0 {
+		// Nothing to return: still run the layers to fill the cache, keeping
+		// one row so the graph has an output.
+		outputs = []int32{0}
+	}
+	if len(outputs) != len(tokens) || !isIdentity(outputs) {
+		outT = ctx.Input().FromInts(outputs, len(outputs))
+	}
+	var proj Projector
+	if !routing.Empty() {
+		proj = routing.Bind(ctx)
+	}
+	att := e.Pool.bind(ctx, e.Model, plan)
+	hidden := e.Model.Transformer(ctx, tokT, posT, outT, att, proj)
+	return ctx, e.Model.Logits(ctx, hidden), nil
+}
+
+// ReserveCompute allocates the compute buffers of the largest step the
+// server will run, so that memory is taken at start (an out-of-memory is a
+// start-up error, not a crash under load), and returns their size: parallel
+// sequences decoding at the longest length next to a prefill chunk of
+// prefill tokens that wants every logit.
+func (e *Engine) ReserveCompute(parallel, prefill int) (n int64, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("reserving compute buffers for %d sequences of %d tokens: %v", parallel, e.MaxSeqLen, r)
+		}
+	}()
+	fake := func(length int) *SeqKV {
+		return &SeqKV{pool: e.Pool, blocks: make([]int32, e.Pool.BlocksFor(length)), tokens: make([]int32, length-1)}
+	}
+	L := e.MaxSeqLen
+	prefill = min(prefill, L-1)
+	seqs := []Seq{{KV: &SeqKV{pool: e.Pool, blocks: make([]int32, e.Pool.BlocksFor(L)), tokens: make([]int32, L-prefill)},
+		Tokens: make([]int32, prefill), AllLogits: true}}
+	for i := 0; i < parallel; i++ {
+		seqs = append(seqs, Seq{KV: fake(L), Tokens: []int32{0}})
+	}
+	// Room for the most attention groups a step can have (every sequence
+	// prefilling, or decoding at lengths too far apart to share a group),
+	// so the scheduler — and its reserved buffers — is never rebuilt.
+	ggmlx.EnsureGraphNodes(e.Model.Backend(), e.graphBudget(2*parallel+1, kernels.MaxNodesPerModule))
+	ctx, logits, err := e.build(seqs)
+	if err != nil {
+		return 0, err
+	}
+	defer ctx.Close()
+	ctx.Forward(logits).Reserve()
+	return ggmlx.ComputeBufferSize(e.Model.Backend()), nil
 }
 
 // layout validates the step and flattens it into batch rows.
@@ -210,8 +253,8 @@ func isIdentity(rows []int32) bool {
 }
 
 // graphBudget bounds the node count of a step's graph.
-func (e *Engine) graphBudget(groups int, r *kernels.Routing) int {
-	perLayer := 48 + 20*groups + 7*r.NodesPerModule()
+func (e *Engine) graphBudget(groups, adapterNodes int) int {
+	perLayer := 48 + 20*groups + 7*adapterNodes
 	need := 64 + len(e.Model.Layers)*perLayer
 	n := 2048
 	for n < need {

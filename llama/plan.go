@@ -105,15 +105,18 @@ type MemoryPlan struct {
 	KV           int64
 	Bank         int64
 	Compute      int64
-	Runtime      int64
-	KVTokens     int
-	BlockSize    int
-	MaxSeqLen    int
-	Parallel     int
-	MaxResident  int
-	MaxRank      int
-	CacheType    ml.DType
-	BankType     ml.DType
+	// ComputeReserved is the compute buffer the engine actually reserved
+	// for its largest step (0 until the server has reserved it).
+	ComputeReserved int64
+	Runtime         int64
+	KVTokens        int
+	BlockSize       int
+	MaxSeqLen       int
+	Parallel        int
+	MaxResident     int
+	MaxRank         int
+	CacheType       ml.DType
+	BankType        ml.DType
 }
 
 // Total is the memory the plan uses.
@@ -172,7 +175,8 @@ func Plan(info *ModelInfo, req PlanRequest) (*MemoryPlan, error) {
 	// The bank: as asked, or up to DefaultMaxResident slots within its share.
 	p.MaxResident = req.MaxResident
 	if p.MaxResident <= 0 {
-		p.MaxResident = int(min(int64(DefaultMaxResident), int64(bankShare*float64(left))/max(slotBytes, 1)))
+		// Bytes(n) is n+1 slots (slot 0 stays zero).
+		p.MaxResident = int(min(int64(DefaultMaxResident), int64(bankShare*float64(left))/max(slotBytes, 1)-1))
 		if p.MaxResident < 1 {
 			p.MaxResident = 1
 		}
@@ -249,10 +253,14 @@ func (p *MemoryPlan) EngineOptions() EngineOptions {
 
 // String is the plan as printed at start-up.
 func (p *MemoryPlan) String() string {
+	compute := gib(p.Compute)
+	if p.ComputeReserved > 0 {
+		compute = fmt.Sprintf("%s (%s reserved)", compute, gib(p.ComputeReserved))
+	}
 	return fmt.Sprintf("memory plan: %s of %s budget (%s): weights %s, KV pool %d tokens (%s, %s, %d blocks of %d), "+
 		"adapter bank %d slots × rank %d (%s, %s), compute %s, runtime %s; up to %d sequences of %d tokens",
 		gib(p.Total()), gib(p.Budget), p.BudgetSource, gib(p.Weights), p.KVTokens, gib(p.KV), dtypeName(p.CacheType),
-		p.KVTokens/p.BlockSize, p.BlockSize, p.MaxResident, p.MaxRank, gib(p.Bank), dtypeName(p.BankType), gib(p.Compute),
+		p.KVTokens/p.BlockSize, p.BlockSize, p.MaxResident, p.MaxRank, gib(p.Bank), dtypeName(p.BankType), compute,
 		gib(p.Runtime), p.Parallel, p.MaxSeqLen)
 }
 

@@ -178,6 +178,11 @@ func New(cfg Config) (*Server, error) {
 		m.Close()
 		return nil, err
 	}
+	if plan.ComputeReserved, err = e.ReserveCompute(cfg.Parallel, cfg.PrefillBudget); err != nil {
+		e.Close()
+		m.Close()
+		return nil, err
+	}
 	met := newMetrics()
 	sched := newScheduler(schedulerConfig{MaxQueue: cfg.MaxQueue, Parallel: cfg.Parallel, PrefillBudget: cfg.PrefillBudget,
 		MaxLoading: cfg.MaxLoading, AgingLimit: 2 * time.Second, NoPrefixCache: cfg.NoPrefixCache}, e, reg, met)

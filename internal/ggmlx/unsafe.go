@@ -153,3 +153,18 @@ func HostData(t ml.Tensor) []byte {
 	}
 	return unsafe.Slice((*byte)(rt.data), int(C.ggml_nbytes(rt)))
 }
+
+// ComputeBufferSize is the size of the backend scheduler's compute buffers
+// (all its backends), as allocated by the last reserve or compute.
+func ComputeBufferSize(b ml.Backend) int64 {
+	base := backendOf(b)
+	mu := (*sync.Mutex)(backendSchedMu.ptr(base))
+	mu.Lock()
+	defer mu.Unlock()
+	sched := *(*C.ggml_backend_sched_t)(backendSched.ptr(base))
+	var n int64
+	for _, be := range *(*[]C.ggml_backend_t)(backendSchedBackends.ptr(base)) {
+		n += int64(C.ggml_backend_sched_get_buffer_size(sched, be))
+	}
+	return n
+}
