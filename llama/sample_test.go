@@ -76,6 +76,39 @@ func TestSampler(t *testing.T) {
 			t.Errorf("min-p kept token %d (p %.3f < 0.3 × %.3f)", i, p[i], p[0])
 		}
 	}
+	// The cuts apply to the tempered distribution (OpenAI, vLLM and ollama
+	// apply temperature first; this sampler cut at T = 1 before): at T = 2
+	// the distribution flattens and top-p 0.8 keeps four tokens, not the
+	// three it keeps at T = 1.
+	for _, c := range []struct {
+		temp     float64
+		opts     SamplerOptions
+		describe string
+	}{
+		{2, SamplerOptions{TopP: 0.8}, "top-p 0.8"},
+		{0.5, SamplerOptions{TopP: 0.95}, "top-p 0.95"},
+		{2, SamplerOptions{MinP: 0.3}, "min-p 0.3"},
+		{2, SamplerOptions{TopK: 3, TopP: 0.9}, "top-k 3, top-p 0.9"},
+		{1.5, SamplerOptions{TopK: 4, MinP: 0.2}, "top-k 4, min-p 0.2"},
+	} {
+		o := c.opts
+		o.Temperature, o.Seed = float32(c.temp), 6
+		want := cutReference(logits, c.temp, o)
+		f := frequencies(NewSampler(o), logits, n)
+		for i := range want {
+			if d := math.Abs(f[i] - want[i]); d > 4*math.Sqrt(want[i]*(1-want[i])/n)+1e-3 {
+				t.Errorf("T=%g %s: token %d frequency %.4f, reference %.4f", c.temp, c.describe, i, f[i], want[i])
+			}
+		}
+	}
+	// logit_bias moves single tokens: -100 bans, +100 all but forces.
+	if got := NewSampler(SamplerOptions{LogitBias: map[int32]float32{0: -100}}).Sample(logits); got != 1 {
+		t.Fatalf("bias -100 on the argmax: picked %d", got)
+	}
+	f = frequencies(NewSampler(SamplerOptions{Temperature: 1, LogitBias: map[int32]float32{5: 100}, Seed: 8}), logits, 1000)
+	if f[5] < 0.999 {
+		t.Fatalf("bias +100: token 5 drawn %.3f of the time", f[5])
+	}
 	// Penalties (OpenAI semantics): a token generated twice loses
 	// presence + 2·frequency, enough here to lose the argmax.
 	s := NewSampler(SamplerOptions{PresencePenalty: 0.2, FrequencyPenalty: 0.2})
@@ -93,4 +126,56 @@ func TestSampler(t *testing.T) {
 	if got := s.Sample(logits); got != 1 {
 		t.Fatalf("repeat penalty 1.5 turns 2 into 1.33 < 1.5; picked %d", got)
 	}
+}
+
+// cutReference is the distribution after temperature, then top-k, top-p
+// and min-p, by full sorting in float64 (the sampler avoids sorting).
+func cutReference(logits []float32, temp float64, o SamplerOptions) []float64 {
+	p := softmaxRef(logits, temp)
+	order := make([]int, len(p))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortFunc(order, func(a, b int) int {
+		if p[a] != p[b] {
+			if p[a] > p[b] {
+				return -1
+			}
+			return 1
+		}
+		return a - b
+	})
+	keep := make([]bool, len(p))
+	kept := order
+	if o.TopK > 0 && o.TopK < len(kept) {
+		kept = kept[:o.TopK]
+	}
+	if o.TopP > 0 && o.TopP < 1 {
+		total, cum := 0.0, 0.0
+		for _, i := range kept {
+			total += p[i]
+		}
+		for n, i := range kept {
+			cum += p[i]
+			if cum >= float64(o.TopP)*total {
+				kept = kept[:n+1]
+				break
+			}
+		}
+	}
+	best := p[kept[0]]
+	sum := 0.0
+	for _, i := range kept {
+		if p[i] >= float64(o.MinP)*best {
+			keep[i] = true
+			sum += p[i]
+		}
+	}
+	out := make([]float64, len(p))
+	for i := range p {
+		if keep[i] {
+			out[i] = p[i] / sum
+		}
+	}
+	return out
 }

@@ -39,9 +39,11 @@ func NewTokenizer(kv fs.Config) (tokenizer.Tokenizer, error) {
 			return nil, fmt.Errorf("GGUF SentencePiece tokenizer has no scores")
 		}
 		spm := tokenizer.NewSentencePiece(vocab)
-		return &sentencePiece{SentencePiece: spm, vocab: vocab, addSpacePrefix: kv.Bool("tokenizer.ggml.add_space_prefix", true)}, nil
+		return &sentencePiece{SentencePiece: spm, vocab: vocab, specials: newSpecials(vocab),
+			addSpacePrefix: kv.Bool("tokenizer.ggml.add_space_prefix", true)}, nil
 	case "gpt2":
-		return tokenizer.NewBytePairEncoding(vocab, pretokenizer(kv.String("tokenizer.ggml.pre"))...), nil
+		bpe := tokenizer.NewBytePairEncoding(vocab, pretokenizer(kv.String("tokenizer.ggml.pre"))...)
+		return &bytePairs{BytePairEncoding: bpe, vocab: vocab, specials: newSpecials(vocab)}, nil
 	default:
 		return nil, fmt.Errorf("unsupported tokenizer model %q", model)
 	}
@@ -76,6 +78,65 @@ func LoadTokenizer(path string) (tokenizer.Tokenizer, error) {
 	return NewTokenizer(meta.KV())
 }
 
+// specialTokens splits special tokens out of text in one pass (ollama's
+// tokenizers rescan and rebuild their fragment list for every special
+// found: quadratic in their number, so a prompt full of "<s>" took seconds
+// per 100 KB).
+type specialTokens struct {
+	texts []string // longest first, so a special containing another wins
+	ids   []int32
+}
+
+func newSpecials(v *tokenizer.Vocabulary) *specialTokens {
+	st := &specialTokens{}
+	for _, sp := range v.SpecialVocabulary() {
+		if sp != "" {
+			st.texts = append(st.texts, sp)
+		}
+	}
+	sort.SliceStable(st.texts, func(i, j int) bool { return len(st.texts[i]) > len(st.texts[j]) })
+	for _, sp := range st.texts {
+		st.ids = append(st.ids, v.Encode(sp))
+	}
+	return st
+}
+
+// split calls text for every run of plain text and special for every
+// special token, in order.
+func (st *specialTokens) split(s string, text func(string) error, special func(int32)) error {
+	next := make([]int, len(st.texts)) // next occurrence at or after pos; -1: none
+	for i := range next {
+		next[i] = -2 // not searched yet
+	}
+	pos := 0
+	for pos < len(s) {
+		at, which := len(s), -1
+		for i, sp := range st.texts {
+			if next[i] == -2 || (next[i] >= 0 && next[i] < pos) {
+				if j := strings.Index(s[pos:], sp); j >= 0 {
+					next[i] = pos + j
+				} else {
+					next[i] = -1
+				}
+			}
+			if next[i] >= 0 && next[i] < at {
+				at, which = next[i], i
+			}
+		}
+		if at > pos {
+			if err := text(s[pos:at]); err != nil {
+				return err
+			}
+		}
+		if which < 0 {
+			break
+		}
+		special(st.ids[which])
+		pos = at + len(st.texts[which])
+	}
+	return nil
+}
+
 // sentencePiece adds llama.cpp's SentencePiece conventions to ollama's
 // tokenizer: special tokens are split out first, and every run of plain
 // text that starts the input or follows a special token gets the dummy
@@ -83,49 +144,59 @@ func LoadTokenizer(path string) (tokenizer.Tokenizer, error) {
 type sentencePiece struct {
 	tokenizer.SentencePiece
 	vocab          *tokenizer.Vocabulary
+	specials       *specialTokens
 	addSpacePrefix bool
 }
 
 func (t *sentencePiece) Encode(s string, addSpecial bool) ([]int32, error) {
-	specials := append([]string(nil), t.vocab.SpecialVocabulary()...)
-	// Longest first, so that a special token containing another wins.
-	sort.SliceStable(specials, func(i, j int) bool { return len(specials[i]) > len(specials[j]) })
 	var ids []int32
 	prevSpecial := true
-	for len(s) > 0 {
-		at, which := len(s), ""
-		for _, sp := range specials {
-			if sp == "" {
-				continue
-			}
-			if i := strings.Index(s, sp); i >= 0 && i < at {
-				at, which = i, sp
-			}
+	err := t.specials.split(s, func(text string) error {
+		if t.addSpacePrefix && prevSpecial {
+			text = " " + text
 		}
-		if at > 0 {
-			text := s[:at]
-			if t.addSpacePrefix && prevSpecial {
-				text = " " + text
-			}
-			part, err := t.SentencePiece.Encode(text, false)
-			if err != nil {
-				return nil, err
-			}
-			ids = append(ids, part...)
-			prevSpecial = false
-		}
-		if which == "" {
-			break
-		}
-		ids = append(ids, t.vocab.Encode(which))
+		part, err := t.SentencePiece.Encode(text, false)
+		ids = append(ids, part...)
+		prevSpecial = false
+		return err
+	}, func(id int32) {
+		ids = append(ids, id)
 		prevSpecial = true
-		s = s[at+len(which):]
+	})
+	if err != nil {
+		return nil, err
 	}
-	if addSpecial && t.vocab.AddBOS && len(t.vocab.BOS) > 0 {
-		ids = append([]int32{t.vocab.BOS[0]}, ids...)
+	return addSpecials(t.vocab, ids, addSpecial), nil
+}
+
+// bytePairs splits special tokens before ollama's byte-pair encoder sees
+// the text.
+type bytePairs struct {
+	tokenizer.BytePairEncoding
+	vocab    *tokenizer.Vocabulary
+	specials *specialTokens
+}
+
+func (t *bytePairs) Encode(s string, addSpecial bool) ([]int32, error) {
+	var ids []int32
+	err := t.specials.split(s, func(text string) error {
+		part, err := t.BytePairEncoding.Encode(text, false)
+		ids = append(ids, part...)
+		return err
+	}, func(id int32) { ids = append(ids, id) })
+	if err != nil {
+		return nil, err
 	}
-	if addSpecial && t.vocab.AddEOS && len(t.vocab.EOS) > 0 {
-		ids = append(ids, t.vocab.EOS[0])
+	return addSpecials(t.vocab, ids, addSpecial), nil
+}
+
+// addSpecials adds BOS and EOS as the vocabulary asks.
+func addSpecials(v *tokenizer.Vocabulary, ids []int32, add bool) []int32 {
+	if add && v.AddBOS && len(v.BOS) > 0 {
+		ids = append([]int32{v.BOS[0]}, ids...)
 	}
-	return ids, nil
+	if add && v.AddEOS && len(v.EOS) > 0 {
+		ids = append(ids, v.EOS[0])
+	}
+	return ids
 }

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sbora-serve/sbora-serve/internal/testutil"
 )
@@ -50,4 +51,39 @@ func TestTokenizerMatchesLlamaCpp(t *testing.T) {
 		}
 	}
 	t.Logf("%d tokenizer pairs match", len(inputs))
+}
+
+// TestTokenizeSpecialFloodIsLinear is a regression test: splitting special
+// tokens out of a prompt rescanned the text for every special found, so
+// 320 KB of "<s>" took about 40 s. Each input here is tokenized within a
+// budget about ten times what a linear splitter needs on a slow machine.
+func TestTokenizeSpecialFloodIsLinear(t *testing.T) {
+	for _, vocab := range []string{"models/ggml-vocab-llama-spm.gguf", "models/llama3.1-chat-vocab.gguf"} {
+		tok, err := LoadTokenizer(testutil.Shared(t, vocab))
+		if err != nil {
+			t.Fatal(err)
+		}
+		bos := tok.Vocabulary().Values[tok.Vocabulary().BOS[0]]
+		for _, c := range []struct {
+			name, text string
+			tokens     int
+		}{
+			{"specials", strings.Repeat(bos, 256<<10/len(bos)), 256 << 10 / len(bos)},
+			{"specials and text", strings.Repeat(bos+"a", 128<<10/(len(bos)+1)), -1},
+		} {
+			start := time.Now()
+			ids, err := tok.Encode(c.text, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := time.Since(start)
+			t.Logf("%s, %s: %d KB → %d tokens in %v", vocab, c.name, len(c.text)>>10, len(ids), d)
+			if c.tokens >= 0 && len(ids) != c.tokens {
+				t.Errorf("%d tokens, want %d", len(ids), c.tokens)
+			}
+			if d > 3*time.Second {
+				t.Errorf("%s, %s: %v for %d KB", vocab, c.name, d, len(c.text)>>10)
+			}
+		}
+	}
 }

@@ -66,6 +66,10 @@ func (s *Server) registerAdapter(w http.ResponseWriter, r *http.Request) {
 	var name, path string
 	var replace bool
 	var upload []byte
+	if ct == "application/x-www-form-urlencoded" {
+		// curl -d sends JSON with this content type unless told otherwise.
+		ct = "application/json"
+	}
 	switch ct {
 	case "application/json", "":
 		var body struct {

@@ -59,6 +59,10 @@ func toAPIError(err error) *apiError {
 	if errors.As(err, &e) {
 		return e
 	}
+	var le *loadError
+	if errors.As(err, &le) {
+		return &apiError{Status: http.StatusInternalServerError, Message: err.Error(), Type: "server_error", Code: "adapter_load_failed"}
+	}
 	switch {
 	case errors.Is(err, adapters.ErrNotFound):
 		return &apiError{Status: http.StatusNotFound, Message: err.Error(), Type: "invalid_request_error", Code: "adapter_not_found"}

@@ -40,7 +40,7 @@ func (s *scheduler) startLoad(q *sequence, e *adapters.Entry) error {
 			return nil
 		}
 		if !errors.Is(err, adapters.ErrNoSlot) {
-			err = fmt.Errorf("adapter %q cannot be loaded: %w", e.Name, err)
+			err = &loadError{name: e.Name, err: err}
 			s.failed[k] = err
 			return err
 		}
@@ -53,6 +53,7 @@ func (s *scheduler) startLoad(q *sequence, e *adapters.Entry) error {
 // upload reads e's file into r's slots; it runs on its own goroutine
 // while the engine steps (steps never read slots that are not active).
 func (s *scheduler) upload(k adapters.Key, e *adapters.Entry, r *kernels.Resident, started time.Time) {
+	begin := time.Now()
 	err := func() error {
 		rd, err := adapters.OpenReader(e.Path)
 		if err != nil {
@@ -66,7 +67,7 @@ func (s *scheduler) upload(k adapters.Key, e *adapters.Entry, r *kernels.Residen
 		a.Name = e.Name
 		return r.Upload(a, rd)
 	}()
-	s.loadCh <- loadResult{key: k, err: err, started: started}
+	s.loadCh <- loadResult{key: k, err: err, started: started, upload: time.Since(begin)}
 }
 
 // loaded makes a finished upload routable, or records why it failed.
@@ -74,7 +75,7 @@ func (s *scheduler) loaded(l loadResult) {
 	delete(s.loading, l.key)
 	if l.err != nil {
 		s.res.Failed(l.key)
-		s.failed[l.key] = fmt.Errorf("adapter %q cannot be loaded: %w", l.key.Name, l.err)
+		s.failed[l.key] = &loadError{name: l.key.Name, err: l.err}
 		slog.Warn("adapter load failed", "adapter", l.key.Name, "error", l.err)
 		return
 	}
@@ -88,5 +89,19 @@ func (s *scheduler) loaded(l loadResult) {
 	if s.res.Loaded(l.key) {
 		s.m.adapterLoads.Inc()
 		s.m.adapterLoadSecs.Observe(time.Since(l.started).Seconds())
+		s.m.adapterUploadSecs.Observe(l.upload.Seconds())
 	}
 }
+
+// loadError is a registered adapter that cannot be made resident (its file
+// changed or broke after registration): the server's fault, not the
+// request's, so a 500 with its own code.
+type loadError struct {
+	name string
+	err  error
+}
+
+func (e *loadError) Error() string {
+	return fmt.Sprintf("adapter %q cannot be loaded: %v", e.name, e.err)
+}
+func (e *loadError) Unwrap() error { return e.err }

@@ -10,32 +10,33 @@ import (
 type metrics struct {
 	reg *prometheus.Registry
 
-	requests         *prometheus.CounterVec // adapter, endpoint, status
-	promptTokens     *prometheus.CounterVec // adapter
-	generationTokens *prometheus.CounterVec // adapter
-	ttft             prometheus.Histogram
-	itl              prometheus.Histogram
-	batchSequences   prometheus.Histogram
-	batchTokens      prometheus.Histogram
-	stepSeconds      prometheus.Histogram
-	queueDepth       prometheus.Gauge
-	activeSequences  prometheus.Gauge
-	residentAdapters prometheus.Gauge
-	registered       prometheus.Gauge
-	adapterLoads     prometheus.Counter
-	adapterEvictions prometheus.Counter
-	adapterLoadSecs  prometheus.Histogram
-	kvUsed           prometheus.Gauge
-	kvCapacity       prometheus.Gauge
-	kvBlocks         prometheus.Gauge
-	kvUsedBlocks     prometheus.Gauge
-	kvCachedBlocks   prometheus.Gauge
-	kvEvicted        prometheus.Counter
-	prefixQueried    prometheus.Counter
-	prefixHit        prometheus.Counter
-	preemptions      prometheus.Counter
-	queueSeconds     prometheus.Histogram
-	slotsTotal       prometheus.Gauge
+	requests          *prometheus.CounterVec // adapter, endpoint, status
+	promptTokens      *prometheus.CounterVec // adapter
+	generationTokens  *prometheus.CounterVec // adapter
+	ttft              prometheus.Histogram
+	itl               prometheus.Histogram
+	batchSequences    prometheus.Histogram
+	batchTokens       prometheus.Histogram
+	stepSeconds       prometheus.Histogram
+	queueDepth        prometheus.Gauge
+	activeSequences   prometheus.Gauge
+	residentAdapters  prometheus.Gauge
+	registered        prometheus.Gauge
+	adapterLoads      prometheus.Counter
+	adapterEvictions  prometheus.Counter
+	adapterLoadSecs   prometheus.Histogram
+	adapterUploadSecs prometheus.Histogram
+	kvUsed            prometheus.Gauge
+	kvCapacity        prometheus.Gauge
+	kvBlocks          prometheus.Gauge
+	kvUsedBlocks      prometheus.Gauge
+	kvCachedBlocks    prometheus.Gauge
+	kvEvicted         prometheus.Counter
+	prefixQueried     prometheus.Counter
+	prefixHit         prometheus.Counter
+	preemptions       prometheus.Counter
+	queueSeconds      prometheus.Histogram
+	slotsTotal        prometheus.Gauge
 }
 
 func newMetrics() *metrics {
@@ -88,14 +89,16 @@ func newMetrics() *metrics {
 	m.adapterEvictions = prometheus.NewCounter(prometheus.CounterOpts{Name: "sbora_adapter_evictions_total",
 		Help: "Resident adapters evicted to make room (least recently used first)."})
 	m.adapterLoadSecs = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "sbora_adapter_load_seconds",
-		Help: "Time to make an adapter resident: read, validate and copy into its bank slots (in the background).", Buckets: latency})
+		Help: "Time from claiming bank slots for an adapter to its first use (the upload, then the end of the step running meanwhile).", Buckets: latency})
+	m.adapterUploadSecs = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "sbora_adapter_upload_seconds",
+		Help: "Time to read, check and copy an adapter into its bank slots, in the background while steps run.", Buckets: latency})
 	m.kvUsed = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_kv_cache_used_tokens",
 		Help: "Tokens cached for running sequences."})
 	m.kvCapacity = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sbora_kv_cache_capacity_tokens",
 		Help: "Tokens the KV pool holds."})
 	m.reg.MustRegister(m.requests, m.promptTokens, m.generationTokens, m.ttft, m.itl, m.batchSequences,
 		m.batchTokens, m.stepSeconds, m.queueDepth, m.activeSequences, m.slotsTotal, m.residentAdapters, m.registered,
-		m.adapterLoads, m.adapterEvictions, m.adapterLoadSecs, m.kvUsed, m.kvCapacity, m.kvBlocks, m.kvUsedBlocks,
+		m.adapterLoads, m.adapterEvictions, m.adapterLoadSecs, m.adapterUploadSecs, m.kvUsed, m.kvCapacity, m.kvBlocks, m.kvUsedBlocks,
 		m.kvCachedBlocks, m.kvEvicted, m.prefixQueried, m.prefixHit, m.preemptions, m.queueSeconds,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

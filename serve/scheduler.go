@@ -67,6 +67,7 @@ type loadResult struct {
 	key     adapters.Key
 	err     error
 	started time.Time
+	upload  time.Duration // reading, checking and copying into the bank
 }
 
 func newScheduler(cfg schedulerConfig, e *llama.Engine, reg *adapters.Registry, m *metrics) *scheduler {

@@ -69,6 +69,9 @@ type Config struct {
 	// adapter uploads.
 	MaxRequestBytes int64
 	MaxUploadBytes  int64
+	// BodyTimeout is how long a client may take to send an inference
+	// request body (uploads get ten times as long).
+	BodyTimeout time.Duration
 }
 
 func (c *Config) defaults() {
@@ -92,6 +95,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxUploadBytes <= 0 {
 		c.MaxUploadBytes = 512 << 20
+	}
+	if c.BodyTimeout <= 0 {
+		c.BodyTimeout = 30 * time.Second
 	}
 }
 
@@ -248,7 +254,7 @@ func (s *Server) routes() http.Handler {
 		r.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	})
 	r.Group(func(r chi.Router) {
-		r.Use(s.limitBody(s.cfg.MaxRequestBytes, time.Minute))
+		r.Use(s.limitBody(s.cfg.MaxRequestBytes, s.cfg.BodyTimeout))
 		r.Use(s.auth(s.cfg.APIKey, "API key"))
 		r.Post("/v1/chat/completions", generateHandler[ChatRequest](s, "chat"))
 		r.Post("/v1/completions", generateHandler[CompletionRequest](s, "completions"))
@@ -258,7 +264,7 @@ func (s *Server) routes() http.Handler {
 		r.Get("/v1/adapters/{name}", s.getAdapter)
 	})
 	r.Group(func(r chi.Router) {
-		r.Use(s.limitBody(s.cfg.MaxUploadBytes, 10*time.Minute))
+		r.Use(s.limitBody(s.cfg.MaxUploadBytes, 10*s.cfg.BodyTimeout))
 		r.Use(s.adminAuth)
 		r.Post("/v1/adapters", s.registerAdapter)
 		r.Delete("/v1/adapters/{name}", s.deleteAdapter)
@@ -315,8 +321,10 @@ func (s *Server) auth(key, what string) func(http.Handler) http.Handler {
 	}
 }
 
-// adminAuth guards adapter changes: with an admin key, only that key
-// passes (never the API key); without one, only loopback clients do.
+// adminAuth guards adapter changes. With an admin key only that key
+// passes, never the API key. Without one the admin API is off when the
+// server has an API key (its clients are tenants), and answers only
+// loopback clients when it has no key at all (a local setup).
 func (s *Server) adminAuth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
@@ -326,9 +334,13 @@ func (s *Server) adminAuth(next http.Handler) http.Handler {
 					Message: "missing or invalid admin key: send Authorization: Bearer <admin key>"})
 				return
 			}
+		case s.cfg.APIKey != "":
+			writeError(w, &apiError{Status: http.StatusForbidden, Type: "permission_error", Code: "admin_disabled",
+				Message: "the adapter admin API is off: the server has an API key but no admin key (--admin-key)"})
+			return
 		case !fromLoopback(r):
 			writeError(w, &apiError{Status: http.StatusForbidden, Type: "permission_error", Code: "admin_disabled",
-				Message: "the adapter admin API answers only loopback clients unless the server has an admin key (--admin-key)"})
+				Message: "without an admin key (--admin-key) the adapter admin API answers only clients on the loopback interface"})
 			return
 		}
 		next.ServeHTTP(w, r)

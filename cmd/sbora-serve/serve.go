@@ -37,11 +37,12 @@ func runServe(args []string) error {
 	fs.BoolVar(&cfg.NoPrefixCache, "no-prefix-cache", false, "do not reuse the KV blocks of shared prompt prefixes")
 	fs.StringVar(&cfg.BankType, "bank-type", "f16", "adapter bank storage: f16, f32 or q8_0")
 	fs.StringVar(&cfg.APIKey, "api-key", os.Getenv("SBORA_API_KEY"), "Bearer key for inference endpoints (env SBORA_API_KEY)")
-	fs.StringVar(&cfg.AdminKey, "admin-key", os.Getenv("SBORA_ADMIN_KEY"), "Bearer key for adapter changes (env SBORA_ADMIN_KEY); without it the admin API answers loopback clients only")
+	fs.StringVar(&cfg.AdminKey, "admin-key", os.Getenv("SBORA_ADMIN_KEY"), "Bearer key for adapter changes (env SBORA_ADMIN_KEY); without it the admin API is off when --api-key is set, and answers loopback clients only otherwise")
 	fs.BoolVar(&cfg.MetricsAuth, "metrics-auth", false, "require the API key for /metrics")
 	fs.BoolVar(&cfg.MetricsAdapterNames, "metrics-adapter-names", false, "label metrics with adapter names (they are tenant names; off: \"adapter\")")
 	fs.Int64Var(&cfg.MaxRequestBytes, "max-request-bytes", 8<<20, "largest inference request body")
 	fs.Int64Var(&cfg.MaxUploadBytes, "max-upload-bytes", 512<<20, "largest adapter upload")
+	fs.DurationVar(&cfg.BodyTimeout, "body-timeout", 30*time.Second, "how long a client may take to send a request body (uploads: 10×)")
 	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long running requests may finish before they are ended")
 	verbose := fs.Bool("verbose", false, "log engine details to stderr")
 	if err := fs.Parse(args); err != nil {

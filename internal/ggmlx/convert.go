@@ -19,11 +19,20 @@ static int64_t sbora_convert_rows(const void * src, int st, int64_t n, int64_t r
 		const char * s = (const char *) src + r * src_row;
 		char * d = (char *) dst + r * dst_row;
 		if (st == GGML_TYPE_F16 && dt == GGML_TYPE_F16) {
+			// Copy and check in one pass; the check has no early exit so
+			// that it vectorizes.
 			const uint16_t * h = (const uint16_t *) s;
+			uint16_t * o = (uint16_t *) d;
+			int bad = 0;
 			for (int64_t i = 0; i < n; i++) {
-				if ((h[i] & 0x7c00) == 0x7c00) return r * n + i;
+				o[i] = h[i];
+				bad |= (h[i] & 0x7c00) == 0x7c00;
 			}
-			memcpy(d, s, src_row);
+			if (bad) {
+				for (int64_t i = 0; i < n; i++) {
+					if ((h[i] & 0x7c00) == 0x7c00) return r * n + i;
+				}
+			}
 			memset(d + src_row, 0, (size_t) (m - n) * 2);
 			continue;
 		}
@@ -32,8 +41,17 @@ static int64_t sbora_convert_rows(const void * src, int st, int64_t n, int64_t r
 		case GGML_TYPE_F16: ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) s, scratch, n); break;
 		default: ggml_bf16_to_fp32_row((const ggml_bf16_t *) s, scratch, n); break;
 		}
+		// Non-finite floats have an all-ones exponent; no early exit, so
+		// the check vectorizes.
+		const uint32_t * bits = (const uint32_t *) scratch;
+		int bad = 0;
 		for (int64_t i = 0; i < n; i++) {
-			if (!isfinite(scratch[i])) return r * n + i;
+			bad |= (bits[i] & 0x7f800000u) == 0x7f800000u;
+		}
+		if (bad) {
+			for (int64_t i = 0; i < n; i++) {
+				if (!isfinite(scratch[i])) return r * n + i;
+			}
 		}
 		memset(scratch + n, 0, (size_t) (m - n) * 4);
 		switch (dt) {
