@@ -55,8 +55,8 @@ func TestTokenizerMatchesLlamaCpp(t *testing.T) {
 
 // TestTokenizeSpecialFloodIsLinear is a regression test: splitting special
 // tokens out of a prompt rescanned the text for every special found, so
-// 320 KB of "<s>" took about 40 s. Each input here is tokenized within a
-// budget about ten times what a linear splitter needs on a slow machine.
+// 960 KB of "<s>" took 30-40 s. Each input here is tokenized within a
+// budget far above what a linear splitter needs on a slow machine.
 func TestTokenizeSpecialFloodIsLinear(t *testing.T) {
 	for _, vocab := range []string{"models/ggml-vocab-llama-spm.gguf", "models/llama3.1-chat-vocab.gguf"} {
 		tok, err := LoadTokenizer(testutil.Shared(t, vocab))
@@ -68,8 +68,8 @@ func TestTokenizeSpecialFloodIsLinear(t *testing.T) {
 			name, text string
 			tokens     int
 		}{
-			{"specials", strings.Repeat(bos, 256<<10/len(bos)), 256 << 10 / len(bos)},
-			{"specials and text", strings.Repeat(bos+"a", 128<<10/(len(bos)+1)), -1},
+			{"specials", strings.Repeat(bos, 960<<10/len(bos)), 960 << 10 / len(bos)},
+			{"specials and text", strings.Repeat(bos+"a", 256<<10/(len(bos)+1)), -1},
 		} {
 			start := time.Now()
 			ids, err := tok.Encode(c.text, false)
@@ -86,4 +86,34 @@ func TestTokenizeSpecialFloodIsLinear(t *testing.T) {
 			}
 		}
 	}
+}
+
+// FuzzSpecialSplitter checks the special-token splitter on arbitrary text:
+// the plain runs and special tokens it reports rebuild the input exactly,
+// plain runs hold no special token, and nothing panics.
+func FuzzSpecialSplitter(f *testing.F) {
+	for _, seed := range []string{"", "<s>", "a<s>b</s>c", "<s><s><s>", "<<s>s>", "</s", "x<unk>y<s>", strings.Repeat("<s>a", 50)} {
+		f.Add(seed)
+	}
+	st := &specialTokens{texts: []string{"<unk>", "</s>", "<s>"}, ids: []int32{0, 2, 1}}
+	f.Fuzz(func(t *testing.T, s string) {
+		var b strings.Builder
+		err := st.split(s, func(text string) error {
+			for _, sp := range st.texts {
+				if strings.Contains(text, sp) {
+					t.Fatalf("plain run %q holds %q", text, sp)
+				}
+			}
+			if text == "" {
+				t.Fatal("empty plain run")
+			}
+			b.WriteString(text)
+			return nil
+		}, func(id int32) {
+			b.WriteString(map[int32]string{0: "<unk>", 1: "<s>", 2: "</s>"}[id])
+		})
+		if err != nil || b.String() != s {
+			t.Fatalf("split %q rebuilt as %q (%v)", s, b.String(), err)
+		}
+	})
 }

@@ -130,14 +130,7 @@ func (s *Server) register(name, path string, upload []byte, replace bool) (*adap
 		return nil, fmt.Errorf("%w: %q (pass replace to swap it)", adapters.ErrExists, name)
 	}
 	if upload != nil {
-		a, err := adapters.Parse(upload)
-		if err != nil {
-			if errors.Is(err, gguf.ErrFormat) {
-				return nil, errBadRequest("file", "%v", err)
-			}
-			return nil, err
-		}
-		if err := a.Resolve(s.model.AdapterBase); err != nil {
+		if err := validateUpload(upload, s.model.AdapterBase, s.registry); err != nil {
 			return nil, err
 		}
 		// Not a symlink target: the name is validated, so this stays inside.
@@ -217,4 +210,20 @@ func (s *Server) vllmUnload(w http.ResponseWriter, r *http.Request) {
 	s.sched.drop(e.Key())
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	fmt.Fprintf(w, "Success: LoRA adapter '%s' removed successfully.", e.Name)
+}
+
+// validateUpload checks an uploaded adapter file completely (format,
+// shapes, indices, values, base, rank) before anything is written.
+func validateUpload(data []byte, base *adapters.Base, reg *adapters.Registry) error {
+	a, err := adapters.Parse(data)
+	if err != nil {
+		if errors.Is(err, gguf.ErrFormat) {
+			return errBadRequest("file", "%v", err)
+		}
+		return err
+	}
+	if err := a.Resolve(base); err != nil {
+		return err
+	}
+	return reg.CheckRank(a)
 }

@@ -132,6 +132,12 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, p *genParams, 
 		}
 	}
 	vocab := int32(s.model.Params.VocabSize)
+	for id := range p.sampler.LogitBias {
+		if id >= vocab {
+			writeError(w, errBadRequest("logit_bias", "token id %d is outside the vocabulary [0, %d)", id, vocab))
+			return
+		}
+	}
 	for _, t := range prompt {
 		if t < 0 || t >= vocab {
 			writeError(w, errBadRequest("prompt", "token id %d is outside the vocabulary [0, %d)", t, vocab))

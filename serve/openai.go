@@ -8,6 +8,7 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"strconv"
 	"strings"
 
 	"github.com/sbora-serve/sbora-serve/kernels"
@@ -22,25 +23,26 @@ type AdapterRef struct {
 
 // samplingFields are shared by chat and text completion requests.
 type samplingFields struct {
-	Model               string          `json:"model"`
-	MaxTokens           *int            `json:"max_tokens"`
-	MaxCompletionTokens *int            `json:"max_completion_tokens"`
-	Temperature         *float64        `json:"temperature"`
-	TopP                *float64        `json:"top_p"`
-	TopK                *int            `json:"top_k"`
-	MinP                *float64        `json:"min_p"`
-	N                   *int            `json:"n"`
-	Stream              bool            `json:"stream"`
-	StreamOptions       *streamOptions  `json:"stream_options"`
-	Stop                json.RawMessage `json:"stop"`
-	Seed                *int64          `json:"seed"`
-	PresencePenalty     *float64        `json:"presence_penalty"`
-	FrequencyPenalty    *float64        `json:"frequency_penalty"`
-	RepetitionPenalty   *float64        `json:"repetition_penalty"`
-	IgnoreEOS           bool            `json:"ignore_eos"`
-	Logprobs            json.RawMessage `json:"logprobs"`
-	Adapters            []AdapterRef    `json:"adapters"`
-	User                string          `json:"user"`
+	Model               string             `json:"model"`
+	MaxTokens           *int               `json:"max_tokens"`
+	MaxCompletionTokens *int               `json:"max_completion_tokens"`
+	Temperature         *float64           `json:"temperature"`
+	TopP                *float64           `json:"top_p"`
+	TopK                *int               `json:"top_k"`
+	MinP                *float64           `json:"min_p"`
+	N                   *int               `json:"n"`
+	Stream              bool               `json:"stream"`
+	StreamOptions       *streamOptions     `json:"stream_options"`
+	Stop                json.RawMessage    `json:"stop"`
+	Seed                *int64             `json:"seed"`
+	PresencePenalty     *float64           `json:"presence_penalty"`
+	FrequencyPenalty    *float64           `json:"frequency_penalty"`
+	RepetitionPenalty   *float64           `json:"repetition_penalty"`
+	IgnoreEOS           bool               `json:"ignore_eos"`
+	Logprobs            json.RawMessage    `json:"logprobs"`
+	LogitBias           map[string]float64 `json:"logit_bias"`
+	Adapters            []AdapterRef       `json:"adapters"`
+	User                string             `json:"user"`
 }
 
 type streamOptions struct {
@@ -183,6 +185,22 @@ func (f *samplingFields) validate(p *genParams) error {
 		if s.Seed == 0 {
 			s.Seed = 1
 		}
+	}
+	if len(f.LogitBias) > 300 {
+		return errBadRequest("logit_bias", "logit_bias may name at most 300 tokens, got %d", len(f.LogitBias))
+	}
+	for k, v := range f.LogitBias {
+		id, err := strconv.ParseInt(k, 10, 32)
+		if err != nil || id < 0 {
+			return errBadRequest("logit_bias", "logit_bias keys must be token ids, got %q", k)
+		}
+		if !(v >= -100 && v <= 100) {
+			return errBadRequest("logit_bias", "logit_bias values must be in [-100, 100], got %v for token %s", v, k)
+		}
+		if s.LogitBias == nil {
+			s.LogitBias = map[int32]float32{}
+		}
+		s.LogitBias[int32(id)] = float32(v)
 	}
 	if f.N != nil && *f.N != 1 {
 		return errBadRequest("n", "only n = 1 is supported, got %d", *f.N)

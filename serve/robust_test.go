@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -214,7 +216,11 @@ func TestStarvedAdapterGetsIn(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	var failed atomic.Int64
-	for i := 0; i < 4; i++ {
+	// Twice as many clients as running slots: a queue of requests for the
+	// hot adapter is always waiting, so it never stops being pinned unless
+	// admission lets the cold request's age count.
+	// Their lengths differ so they never all finish in the same step.
+	for i := 0; i < 8; i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -224,13 +230,13 @@ func TestStarvedAdapterGetsIn(t *testing.T) {
 					return
 				default:
 				}
-				if _, err := s.complete(t, "hot", "Once upon a time", 24, map[string]any{"ignore_eos": true}); err != nil {
+				if _, err := s.complete(t, "hot", "Once upon a time", 16+9*i, map[string]any{"ignore_eos": true}); err != nil {
 					failed.Add(1)
 				}
 			}
 		}()
 	}
-	time.Sleep(500 * time.Millisecond)
+	s.waitMetric(t, "sbora_queue_depth", 4)
 	start := time.Now()
 	done := make(chan error, 1)
 	go func() {
@@ -255,11 +261,13 @@ func TestStarvedAdapterGetsIn(t *testing.T) {
 
 // TestControlTokenStops is a regression test: a stop string that is a
 // control token (here </s>; for Llama 3 <|eot_id|>) can never match text,
-// because control tokens produce none; it now stops by token id.
+// because control tokens produce none; it now stops by token id. A logit
+// bias makes the model emit </s> after a few tokens (ignore_eos keeps EOS
+// itself from stopping it).
 func TestControlTokenStops(t *testing.T) {
 	s := startServer(t, t.TempDir(), "--ctx", "512")
 	status, body := s.do(t, "POST", "/v1/completions", map[string]any{"model": "stories260K", "prompt": "Once upon a time",
-		"max_tokens": 400, "temperature": 0, "ignore_eos": true, "stop": []string{"</s>"}})
+		"max_tokens": 400, "temperature": 0, "ignore_eos": true, "stop": []string{"</s>"}, "logit_bias": map[string]float64{"2": 100}})
 	var resp struct {
 		Choices []struct {
 			FinishReason string `json:"finish_reason"`
@@ -423,5 +431,30 @@ func TestDrainOnSIGTERM(t *testing.T) {
 	t.Logf("exited %v after SIGTERM with a 1 s drain timeout", took)
 	if took > 6*time.Second {
 		t.Errorf("drain took %v", took)
+	}
+}
+
+// TestSlowBodyIsCutOff checks that a client sending its body too slowly
+// cannot hold a handler and a connection: the server gives up after
+// --body-timeout.
+func TestSlowBodyIsCutOff(t *testing.T) {
+	s := startServer(t, t.TempDir(), "--body-timeout", "1s")
+	conn, err := net.Dial("tcp", strings.TrimPrefix(s.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	body := `{"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 2}`
+	fmt.Fprintf(conn, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:10])
+	start := time.Now()
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := io.ReadAll(conn)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("the connection was still open %v after the body stalled", time.Since(start))
+	}
+	t.Logf("after %v: %q", time.Since(start), strings.SplitN(string(resp), "\r\n", 2)[0])
+	if !strings.HasPrefix(string(resp), "HTTP/1.1 400") {
+		t.Errorf("response %q", resp)
 	}
 }

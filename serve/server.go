@@ -300,7 +300,10 @@ type deadlineBody struct {
 
 func (b *deadlineBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
-	if err != nil && !b.lifted {
+	// Only a complete body lifts it: after a timeout the connection must
+	// stay doomed (the server then closes it instead of waiting to read
+	// the rest).
+	if err == io.EOF && !b.lifted {
 		b.lifted = true
 		b.rc.SetReadDeadline(time.Time{})
 	}

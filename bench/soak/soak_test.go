@@ -25,7 +25,7 @@ func TestMain(m *testing.M) {
 // TestSoak is the short chaos soak of make test (about a minute): see the
 // package documentation for what it injects and checks.
 func TestSoak(t *testing.T) {
-	r, err := Run(Config{Binary: binary, Model: testutil.Shared(t, "models/stories260K.gguf"), Duration: 40 * time.Second,
+	r, err := Run(Config{Binary: binary, Model: testutil.Shared(t, "models/stories260K.gguf"), Duration: 30 * time.Second,
 		Workers: 10, Seed: 1, Log: testWriter{t}})
 	if err != nil {
 		t.Fatal(err)
