@@ -18,6 +18,7 @@ import (
 	"github.com/ollama/ollama/tokenizer"
 
 	"github.com/sbora-serve/sbora-serve/adapters"
+	"github.com/sbora-serve/sbora-serve/internal/ggmlx"
 	"github.com/sbora-serve/sbora-serve/kernels"
 )
 
@@ -39,6 +40,8 @@ type Model struct {
 	Path string
 	// Threads is the CPU thread count of the backend.
 	Threads int
+	// repacked holds the weights moved to ggml-cpu's repacked layouts.
+	repacked *ggmlx.Repacked
 }
 
 // Layer is one transformer block.
@@ -93,6 +96,11 @@ type LoadOptions struct {
 	Threads int
 	// Progress receives the fraction of weights loaded.
 	Progress func(float32)
+	// Repack converts the projection and output weights to ggml-cpu's
+	// repacked layouts after loading (llama.cpp's default on the CPU;
+	// faster matmuls). A repacked model can only run inference: the
+	// trainer's backward pass and weight readers need the plain layout.
+	Repack bool
 }
 
 // ReadBase reads only the metadata of a base model GGUF and describes its
@@ -135,7 +143,37 @@ func Load(path string, opts LoadOptions) (*Model, error) {
 	m.Path = path
 	m.Threads = threads
 	m.AdapterBase = base
+	if opts.Repack {
+		if m.repacked, err = ggmlx.Repack(m.matmulWeights()); err != nil {
+			m.Backend().Close()
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+	}
 	return m, nil
+}
+
+// matmulWeights lists the weights used only as matrix-product operands
+// (not the token embedding, which is gathered from, even when the output
+// head shares its values: ggml's backend gives the head its own copy).
+func (m *Model) matmulWeights() []ml.Tensor {
+	var ws []ml.Tensor
+	for _, l := range m.Layers {
+		for _, lin := range []*nn.Linear{l.Attention.Query, l.Attention.Key, l.Attention.Value, l.Attention.Output, l.MLP.Gate, l.MLP.Up, l.MLP.Down} {
+			ws = append(ws, lin.Weight)
+		}
+	}
+	if !ggmlx.SameTensor(m.Output.Weight, m.TokenEmbedding.Weight) {
+		ws = append(ws, m.Output.Weight)
+	}
+	return ws
+}
+
+// Repacked reports how many weights (and bytes) were repacked.
+func (m *Model) Repacked() (int, int64) {
+	if m.repacked == nil {
+		return 0, 0
+	}
+	return m.repacked.Count, m.repacked.Bytes
 }
 
 // newModel wraps model.New, which panics (ml.ErrNoMem) when memory runs out.
@@ -172,7 +210,10 @@ func (m *Model) validate() error {
 }
 
 // Close frees the model's backend memory.
-func (m *Model) Close() { m.Backend().Close() }
+func (m *Model) Close() {
+	m.Backend().Close()
+	m.repacked.Free()
+}
 
 // Projector adds adapter updates to each projection (see kernels.Projector).
 type Projector = kernels.Projector

@@ -3,6 +3,7 @@ package llama
 import (
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/sbora-serve/sbora-serve/internal/testutil"
@@ -31,10 +32,27 @@ func promptTokens(t *testing.T, m *Model, o *oracle.Oracle, n int) []int32 {
 }
 
 // compareWithOracle checks every position's logits of a 64-token prompt and
-// a 64-token greedy continuation against llama.cpp.
+// a 64-token greedy continuation against llama.cpp, with CPU weight
+// repacking off on both sides and on on both sides (repacked weights run
+// other kernels, so each engine is compared with its like).
 func compareWithOracle(t *testing.T, path string, tol float64) {
-	m := loadModel(t, path)
-	o, err := oracle.Open(path, nil, oracle.Options{})
+	for _, repack := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "repacked"}[repack], func(t *testing.T) {
+			compareWithOracleLayout(t, path, tol, repack)
+		})
+	}
+}
+
+func compareWithOracleLayout(t *testing.T, path string, tol float64, repack bool) {
+	m, err := Load(path, LoadOptions{Threads: 2, Repack: repack})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Close)
+	if n, _ := m.Repacked(); repack && strings.Contains(path, "Q4_0") && n == 0 {
+		t.Fatal("no Q4_0 weight was repacked")
+	}
+	o, err := oracle.Open(path, nil, oracle.Options{Repack: repack})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +65,8 @@ func compareWithOracle(t *testing.T, path string, tol float64) {
 	e := newEngine(t, m, EngineOptions{KVTokens: 256})
 	got := step(t, e, Seq{KV: e.Pool.NewSeq(0), Tokens: prompt, AllLogits: true})
 	diff, scale := maxAbs(got[0], want)
-	t.Logf("%s: max |Δlogit| = %.3g over 64 positions (max |logit| %.3g)", filepath.Base(path), diff, scale)
+	n, bytes := m.Repacked()
+	t.Logf("%s (%d weights, %d bytes repacked): max |Δlogit| = %.3g over 64 positions (max |logit| %.3g)", filepath.Base(path), n, bytes, diff, scale)
 	if diff > tol*scale {
 		t.Errorf("logits differ from llama.cpp by %.3g > %.g·%.3g", diff, tol, scale)
 	}

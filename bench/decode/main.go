@@ -1,9 +1,12 @@
-// Command decode measures decode throughput of sbora-serve's engine against
-// llama.cpp (same model, same threads, same run): single-stream tok/s with
-// and without an adapter, and aggregate tok/s of batched streams.
+// Command decode measures sbora-serve's engine against llama.cpp (its C
+// API, the same ggml build, the same threads and model, llama.cpp at its
+// defaults: CPU weights repacked) in one run: batched decode of B = 1, 8
+// and 32 sequences with the base model and with B distinct FA adapters,
+// and prefill of one long prompt. Engines are stepped in turn so all see
+// the same machine; tok/s come from median step times.
 //
-//	go run ./bench/decode --model ../shared/models/stories260K.gguf
 //	go run ./bench/decode --synthetic 7b --layers 2     # 7B-shaped Q4_0
+//	go run ./bench/decode --model ../shared/models/stories260K.gguf --batches 1
 package main
 
 import (
@@ -13,7 +16,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
+
+	"github.com/ollama/ollama/ml"
 
 	"github.com/sbora-serve/sbora-serve/adapters"
 	"github.com/sbora-serve/sbora-serve/internal/gguf"
@@ -28,10 +35,14 @@ func main() {
 	synthetic := flag.String("synthetic", "", "generate a random model instead: 7b")
 	layers := flag.Int("layers", 2, "layers of the synthetic model")
 	typ := flag.String("type", "Q4_0", "weight type of the synthetic model")
-	tokens := flag.Int("tokens", 64, "tokens to decode per stream")
+	tokens := flag.Int("tokens", 32, "decode steps per measurement")
 	threads := flag.Int("threads", 2, "CPU threads")
-	batch := flag.Int("batch", 16, "streams in the batched run")
+	batches := flag.String("batches", "1,8,32", "batch sizes (sequences decoded together)")
 	rank := flag.Int("rank", 16, "adapter rank")
+	variant := flag.String("variant", "fa", "adapter variant: fa, fb or lora")
+	bankType := flag.String("bank-type", "f16", "adapter bank storage: f16, f32 or q8_0")
+	noRepack := flag.Bool("no-repack", false, "do not repack our CPU weights (llama.cpp keeps its default)")
+	prefill := flag.Int("prefill", 442, "prompt tokens of the prefill measurement (0: skip)")
 	flag.Parse()
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 
@@ -40,154 +51,169 @@ func main() {
 			fatalf("unknown synthetic model %q", *synthetic)
 		}
 		t, err := gguf.ParseTensorType(*typ)
-		if err != nil {
-			fatal(err)
-		}
+		check(err)
 		dir, err := os.MkdirTemp("", "sbora-bench-")
-		if err != nil {
-			fatal(err)
-		}
+		check(err)
 		defer os.RemoveAll(dir)
 		*modelPath = filepath.Join(dir, "synthetic.gguf")
-		start := time.Now()
-		if err := modelfile.WriteRandom(*modelPath, modelfile.SevenB(*layers, t)); err != nil {
-			fatal(err)
-		}
-		fmt.Printf("synthetic 7B-shaped model: %d layers, %s, written in %.1fs\n", *layers, t, time.Since(start).Seconds())
+		check(modelfile.WriteRandom(*modelPath, modelfile.SevenB(*layers, t)))
 	}
 	if *modelPath == "" {
 		fatal("--model or --synthetic is required")
 	}
-
-	m, err := llama.Load(*modelPath, llama.LoadOptions{Threads: *threads})
-	if err != nil {
-		fatal(err)
+	var bs []int
+	for _, f := range strings.Split(*batches, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		check(err)
+		bs = append(bs, n)
 	}
+	v, err := adapters.ParseVariant(*variant)
+	check(err)
+	bankDType := map[string]ml.DType{"f16": ml.DTypeF16, "f32": ml.DTypeF32, "q8_0": ml.DTypeQ80}[*bankType]
+
+	m, err := llama.Load(*modelPath, llama.LoadOptions{Threads: *threads, Repack: !*noRepack})
+	check(err)
+	defer m.Close()
+	nRepacked, _ := m.Repacked()
 	prompt, _ := m.Tokenizer.Encode("Once upon a time, there was a", true)
-	slotLen := len(prompt) + *tokens + 1
-
-	o, err := oracle.Open(*modelPath, nil, oracle.Options{Context: slotLen, Threads: *threads})
-	if err != nil {
-		fatal(err)
-	}
-	defer o.Close()
-
-	e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: (*batch + 2) * slotLen, MaxSeqLen: slotLen, NoPrefixCache: true,
-		Bank: kernels.Config{Slots: *batch, MaxRank: *rank}})
-	if err != nil {
-		fatal(err)
-	}
+	maxB := slices.Max(bs)
+	seqLen := len(prompt) + *tokens + 2
+	e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: 2 * (maxB + 1) * (seqLen + 64), MaxSeqLen: max(seqLen, *prefill+2), NoPrefixCache: true,
+		Bank: kernels.Config{Slots: maxB, MaxRank: *rank, DType: bankDType}})
+	check(err)
+	defer e.Close()
 	var res []*kernels.Resident
-	for i := 0; i < *batch; i++ {
-		a, err := adapters.NewRandom(m.AdapterBase, adapters.RandomOptions{Variant: adapters.FA, Rank: *rank, Seed: uint64(i + 1)})
-		if err != nil {
-			fatal(err)
-		}
+	for i := 0; i < maxB; i++ {
+		a, err := adapters.NewRandom(m.AdapterBase, adapters.RandomOptions{Variant: v, Rank: *rank, Seed: uint64(i + 1)})
+		check(err)
 		r, err := e.Bank.Load(a)
-		if err != nil {
-			fatal(err)
-		}
+		check(err)
 		res = append(res, r)
 	}
-	ref, ours, withAdapter := alternate(o, e, prompt, *tokens, []kernels.Use{{Adapter: res[0], Scale: 1}})
-	fmt.Printf("model %s (%d layers, %d wide), %d threads, %d decode tokens\n", filepath.Base(*modelPath), m.Params.Layers, m.Params.Embedding, *threads, *tokens)
-	fmt.Printf("  (single streams: medians of alternating decode steps)\n")
-	fmt.Printf("  llama.cpp          1 stream : %8.1f tok/s  (baseline)\n", ref)
-	fmt.Printf("  sbora-serve        1 stream : %8.1f tok/s  %.2fx llama.cpp\n", ours, ours/ref)
-	fmt.Printf("  sbora-serve FA r%-3d 1 stream : %8.1f tok/s  %.2fx llama.cpp, %.2fx base\n", *rank, withAdapter, withAdapter/ref, withAdapter/ours)
-
-	base := greedyStreams(e, prompt, *tokens, *batch, nil)
-	var perStream [][]kernels.Use
-	for i := 0; i < *batch; i++ {
-		perStream = append(perStream, []kernels.Use{{Adapter: res[i], Scale: 1}})
+	fmt.Printf("model %s (%d layers, %d wide), %d threads, %d decode steps per run; ours: %d weights repacked, %s bank; llama.cpp: defaults (repacking on)\n",
+		filepath.Base(*modelPath), m.Params.Layers, m.Params.Embedding, *threads, *tokens, nRepacked, *bankType)
+	fmt.Printf("%6s %14s %22s %32s\n", "batch", "llama.cpp", "sbora-serve base", fmt.Sprintf("sbora-serve, B distinct %s r%d", v, *rank))
+	for _, b := range bs {
+		o, err := oracle.Open(*modelPath, nil, oracle.Options{Context: b * (seqLen + 8), Threads: *threads, Sequences: b, Repack: true, Defaults: true})
+		check(err)
+		uses := make([][]kernels.Use, b)
+		for i := range uses {
+			uses[i] = []kernels.Use{{Adapter: res[i%len(res)], Scale: 1}}
+		}
+		ref, base, adapted := alternate(o, e, prompt, *tokens, b, uses)
+		o.Close()
+		fmt.Printf("%6d %10.1f tok/s %10.1f tok/s %5.2fx %14.1f tok/s %5.2fx base\n", b, ref, base, base/ref, adapted, adapted/base)
 	}
-	distinct := greedyStreamsPer(e, prompt, *tokens, perStream)
-	fmt.Printf("  sbora-serve %3d streams, base           : %8.1f tok/s aggregate (baseline for the next line)\n", *batch, base)
-	fmt.Printf("  sbora-serve %3d streams, %3d FA adapters: %8.1f tok/s aggregate  %.2fx base\n", *batch, *batch, distinct, distinct/base)
+	if *prefill > 0 {
+		long := make([]int32, *prefill)
+		for i := range long {
+			long[i] = prompt[i%len(prompt)]
+		}
+		o, err := oracle.Open(*modelPath, nil, oracle.Options{Context: *prefill + 8, Threads: *threads, Repack: true, Defaults: true})
+		check(err)
+		var ref, ours []time.Duration
+		for i := 0; i < 3; i++ {
+			start := time.Now()
+			_, err := o.Prefill(long)
+			check(err)
+			ref = append(ref, time.Since(start))
+			kv := e.Pool.NewSeq(0)
+			check(kv.Reserve(len(long)))
+			start = time.Now()
+			_, err = e.Step([]llama.Seq{{KV: kv, Tokens: long}})
+			check(err)
+			ours = append(ours, time.Since(start))
+			kv.Release()
+		}
+		o.Close()
+		r, s := float64(*prefill)/median(ref).Seconds(), float64(*prefill)/median(ours).Seconds()
+		fmt.Printf("prefill %d tokens: llama.cpp %.1f tok/s, sbora-serve %.1f tok/s (%.2fx)\n", *prefill, r, s, s/r)
+	}
 }
 
-// alternate decodes n tokens on three single streams, stepping them in
-// turn so all see the same machine: llama.cpp, our engine with the base,
-// and our engine with uses. It returns each one's tok/s from its median
-// decode step time.
-func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, n int, uses []kernels.Use) (ref, base, adapted float64) {
-	seqs := []llama.Seq{{KV: e.Pool.NewSeq(0), Tokens: prompt}, {KV: e.Pool.NewSeq(0), Tokens: prompt, Adapters: uses}}
-	defer seqs[0].KV.Release()
-	defer seqs[1].KV.Release()
-	times := [3][]time.Duration{}
-	logits, err := o.Prefill(prompt)
-	if err != nil {
-		fatal(err)
-	}
-	pos := len(prompt)
-	for step := 0; step <= n; step++ {
-		if step > 0 {
-			start := time.Now()
-			if logits, err = o.Decode(oracle.Argmax(logits), pos); err != nil {
-				fatal(err)
-			}
-			times[2] = append(times[2], time.Since(start))
-			pos++
+// alternate prefills b sequences in each engine, then decodes steps
+// tokens in turn: one llama.cpp step, one base step of ours, one step of
+// ours with uses. It returns each one's tok/s from its median step.
+func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, steps, b int, uses [][]kernels.Use) (ref, base, adapted float64) {
+	// llama.cpp: all prompts in one batch.
+	var entries []oracle.Entry
+	for s := 0; s < b; s++ {
+		for i, t := range prompt {
+			entries = append(entries, oracle.Entry{Token: t, Pos: i, Seq: s, Logits: i == len(prompt)-1})
 		}
+	}
+	logits, err := o.EvalBatch(entries)
+	check(err)
+	next := make([]int32, b)
+	for s := range next {
+		next[s] = oracle.Argmax(logits[s])
+	}
+	ours := func(withAdapters bool) []llama.Seq {
+		seqs := make([]llama.Seq, b)
 		for i := range seqs {
-			start := time.Now()
-			reserve(seqs[i])
-			res, err := e.Step([]llama.Seq{seqs[i]})
-			if err != nil {
-				fatal(err)
+			seqs[i] = llama.Seq{KV: e.Pool.NewSeq(0), Tokens: prompt}
+			if withAdapters {
+				seqs[i].Adapters = uses[i]
 			}
-			if step > 0 { // the prefill is not a decode step
-				times[i] = append(times[i], time.Since(start))
-			}
-			seqs[i].Tokens = []int32{oracle.Argmax(res[0][0])}
+			check(seqs[i].KV.Reserve(len(prompt)))
 		}
-	}
-	med := func(d []time.Duration) float64 {
-		slices.Sort(d)
-		return 1 / d[len(d)/2].Seconds()
-	}
-	return med(times[2]), med(times[0]), med(times[1])
-}
-
-// greedyStreams decodes n tokens on k streams that all use uses.
-func greedyStreams(e *llama.Engine, prompt []int32, n, k int, uses []kernels.Use) float64 {
-	per := make([][]kernels.Use, k)
-	for i := range per {
-		per[i] = uses
-	}
-	return greedyStreamsPer(e, prompt, n, per)
-}
-
-// greedyStreamsPer prefills every stream, then times n batched decode steps
-// and returns aggregate decode tok/s.
-func greedyStreamsPer(e *llama.Engine, prompt []int32, n int, uses [][]kernels.Use) float64 {
-	k := len(uses)
-	seqs := make([]llama.Seq, k)
-	for i := range seqs {
-		seqs[i] = llama.Seq{KV: e.Pool.NewSeq(0), Tokens: prompt, Adapters: uses[i]}
-		reserve(seqs[i])
-		defer seqs[i].KV.Release()
-	}
-	res, err := e.Step(seqs)
-	if err != nil {
-		fatal(err)
-	}
-	start := time.Now()
-	for step := 0; step < n; step++ {
+		res, err := e.Step(seqs)
+		check(err)
 		for i := range seqs {
 			seqs[i].Tokens = []int32{oracle.Argmax(res[i][0])}
-			reserve(seqs[i])
 		}
-		if res, err = e.Step(seqs); err != nil {
-			fatal(err)
-		}
+		return seqs
 	}
-	return float64(n*k) / time.Since(start).Seconds()
+	plain, withAdapters := ours(false), ours(true)
+	defer func() {
+		for i := range plain {
+			plain[i].KV.Release()
+			withAdapters[i].KV.Release()
+		}
+	}()
+	step := func(seqs []llama.Seq) time.Duration {
+		for _, s := range seqs {
+			check(s.KV.Reserve(1))
+		}
+		start := time.Now()
+		res, err := e.Step(seqs)
+		check(err)
+		d := time.Since(start)
+		for i := range seqs {
+			seqs[i].Tokens = []int32{oracle.Argmax(res[i][0])}
+		}
+		return d
+	}
+	var times [3][]time.Duration
+	pos := len(prompt)
+	for k := 0; k < steps; k++ {
+		entries = entries[:0]
+		for s := 0; s < b; s++ {
+			entries = append(entries, oracle.Entry{Token: next[s], Pos: pos, Seq: s, Logits: true})
+		}
+		start := time.Now()
+		logits, err := o.EvalBatch(entries)
+		check(err)
+		times[0] = append(times[0], time.Since(start))
+		for s := range next {
+			next[s] = oracle.Argmax(logits[s])
+		}
+		pos++
+		times[1] = append(times[1], step(plain))
+		times[2] = append(times[2], step(withAdapters))
+	}
+	tps := func(d []time.Duration) float64 { return float64(b) / median(d).Seconds() }
+	return tps(times[0]), tps(times[1]), tps(times[2])
 }
 
-// reserve makes room for a sequence's next tokens.
-func reserve(s llama.Seq) {
-	if err := s.KV.Reserve(len(s.Tokens)); err != nil {
+func median(d []time.Duration) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func check(err error) {
+	if err != nil {
 		fatal(err)
 	}
 }

@@ -168,3 +168,6 @@ func ComputeBufferSize(b ml.Backend) int64 {
 	}
 	return n
 }
+
+// SameTensor reports whether a and b are the same ggml tensor.
+func SameTensor(a, b ml.Tensor) bool { return rawTensor(a) == rawTensor(b) }

@@ -12,10 +12,11 @@
 // Debian packages nlohmann-json3-dev and libstb-dev; the Makefile sets this
 // up.
 //
-// Weight repacking (llama.cpp's "extra buffer types") is disabled so that
-// llama.cpp runs the same ggml CPU kernels on the same weight layout as
-// sbora-serve, whose backend does not repack; differences then come from
-// the graphs, which is what the tests are about.
+// Weight repacking (llama.cpp's "extra buffer types", on by default in
+// llama.cpp) follows Options.Repack, so a test configures both engines the
+// same way: repacked weights run other ggml CPU kernels (interleaved
+// blocks), so only like-for-like comparisons can be exact. Benchmarks use
+// llama.cpp's defaults (repacking on).
 package oracle
 
 /*
@@ -50,6 +51,14 @@ type Options struct {
 	CacheF32 bool
 	// NoFlashAttention uses llama.cpp's mul_mat + softmax attention.
 	NoFlashAttention bool
+	// Repack lets llama.cpp repack CPU weights (its default).
+	Repack bool
+	// Sequences is how many sequences the context holds (default 1).
+	Sequences int
+	// Defaults keeps llama.cpp's context defaults other than size and
+	// threads (benchmarks); otherwise flash attention follows the options
+	// above.
+	Defaults bool
 }
 
 // Oracle is a llama.cpp model and context for a single sequence.
@@ -74,24 +83,29 @@ func Open(modelPath string, loras []LoRA, opts Options) (*Oracle, error) {
 	mp := C.llama_model_default_params()
 	mp.n_gpu_layers = 0
 	mp.use_mmap = false
-	mp.use_extra_bufts = false
+	mp.use_extra_bufts = C.bool(opts.Repack)
 	path := C.CString(modelPath)
 	defer C.free(unsafe.Pointer(path))
 	o := &Oracle{model: C.llama_model_load_from_file(path, mp)}
 	if o.model == nil {
 		return nil, fmt.Errorf("oracle: llama.cpp cannot load %s", modelPath)
 	}
+	if opts.Sequences <= 0 {
+		opts.Sequences = 1
+	}
 	cp := C.llama_context_default_params()
 	cp.n_ctx = C.uint32_t(opts.Context)
 	cp.n_batch = C.uint32_t(opts.Context)
 	cp.n_ubatch = C.uint32_t(opts.Context)
-	cp.n_seq_max = 1
+	cp.n_seq_max = C.uint32_t(opts.Sequences)
 	cp.n_threads = C.int32_t(opts.Threads)
 	cp.n_threads_batch = C.int32_t(opts.Threads)
 	cp.embeddings = false
-	cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED
-	if opts.NoFlashAttention {
-		cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+	if !opts.Defaults {
+		cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+		if opts.NoFlashAttention {
+			cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+		}
 	}
 	if opts.CacheF32 {
 		cp.type_k = C.GGML_TYPE_F32
@@ -247,3 +261,53 @@ func (o *Oracle) Decode(token int32, pos int) ([]float32, error) {
 	}
 	return l[0], nil
 }
+
+// Entry is one token of a batch: its sequence, position, and whether its
+// logits are wanted.
+type Entry struct {
+	Token  int32
+	Pos    int
+	Seq    int
+	Logits bool
+}
+
+// EvalBatch evaluates a batch of tokens of several sequences (positions
+// continue each sequence's cache) and returns the logits of the entries
+// that want them, in order.
+func (o *Oracle) EvalBatch(entries []Entry) ([][]float32, error) {
+	batch := C.llama_batch_init(C.int32_t(len(entries)), 0, 1)
+	defer C.llama_batch_free(batch)
+	tok := unsafe.Slice(batch.token, len(entries))
+	pos := unsafe.Slice(batch.pos, len(entries))
+	nseq := unsafe.Slice(batch.n_seq_id, len(entries))
+	seq := unsafe.Slice(batch.seq_id, len(entries))
+	logits := unsafe.Slice(batch.logits, len(entries))
+	for i, e := range entries {
+		tok[i] = C.llama_token(e.Token)
+		pos[i] = C.llama_pos(e.Pos)
+		nseq[i] = 1
+		*seq[i] = C.llama_seq_id(e.Seq)
+		logits[i] = 0
+		if e.Logits {
+			logits[i] = 1
+		}
+	}
+	batch.n_tokens = C.int32_t(len(entries))
+	if rc := C.llama_decode(o.ctx, batch); rc != 0 {
+		return nil, fmt.Errorf("oracle: llama_decode returned %d", rc)
+	}
+	var out [][]float32
+	for i, e := range entries {
+		if e.Logits {
+			p := C.llama_get_logits_ith(o.ctx, C.int32_t(i))
+			if p == nil {
+				return nil, fmt.Errorf("oracle: no logits for entry %d", i)
+			}
+			out = append(out, unsafe.Slice((*float32)(unsafe.Pointer(p)), o.vocab))
+		}
+	}
+	return out, nil
+}
+
+// Clear empties the KV cache of every sequence.
+func (o *Oracle) Clear() { C.llama_memory_clear(C.llama_get_memory(o.ctx), true) }
