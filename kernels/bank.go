@@ -29,6 +29,9 @@ type Config struct {
 	// DType stores the matrices: F16 (the default), F32 or Q8_0 (rows that
 	// are not whole Q8_0 blocks stay F16).
 	DType ml.DType
+	// Generic uses ggml's standard ops (mul_mat_id, get_rows, set_rows)
+	// everywhere, as on GPU backends, instead of the fused CPU ops.
+	Generic bool
 }
 
 func (c Config) dtype() ml.DType {
@@ -83,6 +86,7 @@ type stack struct {
 	a, b         ml.Tensor    // [in, maxRank, slots] and [maxRank, out, slots]
 	aType, bType uint32       // ggml types of a and b
 	dirty        [2][]bool    // per half: slot holds non-zero data
+	fused        bool         // host memory and types the fused CPU ops take
 }
 
 // Resident is an adapter holding bank slots. After Reserve it is only a
@@ -204,6 +208,7 @@ func NewBank(backend ml.Backend, base *adapters.Base, cfg Config) (b *Bank, err 
 		st.b = ctx.Zeros(mlType(st.bType), r, out, n)
 		// Every slot starts with distinct indices 0..r-1 (so an FB scatter
 		// of a zero update never collides with itself).
+		st.fused = !cfg.Generic && ggmlx.HostData(st.b) != nil && ggmlx.FusedTypeOK(st.bType) && r <= ggmlx.FusedRankLimit
 		for h, limit := range [2]int{out, in} {
 			st.idx[h] = ctx.Zeros(ml.DTypeI32, r, n)
 			pad := padIndex(nil, r, limit)
@@ -215,6 +220,16 @@ func NewBank(backend ml.Backend, base *adapters.Base, cfg Config) (b *Bank, err 
 		b.stacks[t] = st
 	}
 	return b, nil
+}
+
+// Tensors lists the bank's device tensors.
+func (b *Bank) Tensors() []ml.Tensor {
+	var ts []ml.Tensor
+	for _, t := range b.order {
+		st := b.stacks[t]
+		ts = append(ts, st.a, st.b, st.idx[0], st.idx[1])
+	}
+	return ts
 }
 
 // Config is the bank's configuration.

@@ -114,13 +114,16 @@ func (o *oneWeight) run(tb testing.TB, bank *Bank, x []float32, uses [][]Use) []
 // over the dequantized weight: W·x + Σ scale·alpha/r·ΔW·x.
 func TestOpsMatchFloat64(t *testing.T) {
 	for _, c := range []struct {
-		typ  gguf.TensorType
-		bank ml.DType
-	}{{gguf.TypeF32, ml.DTypeF32}, {gguf.TypeF32, ml.DTypeF16}, {gguf.TypeQ8_0, ml.DTypeF16}, {gguf.TypeQ4_0, ml.DTypeF16}, {gguf.TypeF32, ml.DTypeQ80}} {
+		typ     gguf.TensorType
+		bank    ml.DType
+		generic bool
+	}{{gguf.TypeF32, ml.DTypeF32, false}, {gguf.TypeF32, ml.DTypeF32, true}, {gguf.TypeF32, ml.DTypeF16, false}, {gguf.TypeF32, ml.DTypeF16, true},
+		{gguf.TypeQ8_0, ml.DTypeF16, false}, {gguf.TypeQ4_0, ml.DTypeF16, false}, {gguf.TypeQ4_0, ml.DTypeF16, true}, {gguf.TypeF32, ml.DTypeQ80, false}} {
 		typ := c.typ
-		t.Run(typ.String()+"/bank-"+bankName(c.bank), func(t *testing.T) {
+		path := map[bool]string{false: "fused", true: "generic"}[c.generic]
+		t.Run(typ.String()+"/bank-"+bankName(c.bank)+"/"+path, func(t *testing.T) {
 			o := newOneWeight(t, 96, 64, typ)
-			bank, err := NewBank(o.backend, o.base, Config{Slots: 6, MaxRank: 32, DType: c.bank})
+			bank, err := NewBank(o.backend, o.base, Config{Slots: 6, MaxRank: 32, DType: c.bank, Generic: c.generic})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -206,7 +209,7 @@ func TestOpsMatchFloat64(t *testing.T) {
 					}
 				}
 			}
-			t.Logf("%s, %s bank: worst |Δ| %.2g over %d tokens", typ, bankName(c.bank), worst, len(plans))
+			t.Logf("%s, %s bank, %s ops: worst |Δ| %.2g over %d tokens", typ, bankName(c.bank), path, worst, len(plans))
 		})
 	}
 }

@@ -16,11 +16,15 @@ type Stack struct {
 	// BBlock is the block size of B's rows: a view of the first r columns
 	// must cover whole blocks.
 	BBlock int
+	// Fused: the stacks live in host memory (the CPU backend) in a type
+	// the fused CPU ops read, which then replace mul_mat_id for the
+	// out×r products and the gathers and scatters around them.
+	Fused bool
 }
 
 func (st *stack) tensors() Stack {
 	blk, _ := ggmlx.TypeLayout(st.bType)
-	return Stack{In: st.in, Out: st.out, IdxA: st.idx[halfA], IdxB: st.idx[halfB], A: st.a, B: st.b, BBlock: blk}
+	return Stack{In: st.in, Out: st.out, IdxA: st.idx[halfA], IdxB: st.idx[halfB], A: st.a, B: st.b, BBlock: blk, Fused: st.fused}
 }
 
 // Op is one adapter application: a stack, the step's rank, and per-token
@@ -72,6 +76,9 @@ func (o Op) sumUsed(ctx ml.Context, y ml.Tensor, out int) ml.Tensor {
 func (o Op) FA(ctx ml.Context, x, h ml.Tensor) ml.Tensor {
 	st := o.Stack
 	r := o.rankFor(st.In)
+	if st.Fused {
+		return ggmlx.ExpandFA(ctx, h, st.B, st.IdxB, o.IDs, o.Scales, x, r)
+	}
 	n, T := o.used(), o.tokens()
 	nSlots := st.B.Dim(2)
 	// x[idx]: rows of one element, batched per token.
@@ -88,6 +95,10 @@ func (o Op) FB(ctx ml.Context, x, h ml.Tensor) ml.Tensor {
 	n, T := o.used(), o.tokens()
 	nSlots := st.A.Dim(2)
 	a := st.A.View(ctx, 0, st.In, st.A.Stride(1), r, st.A.Stride(2), nSlots)
+	if st.Fused {
+		y := a.MulmatID(ctx, x.Reshape(ctx, st.In, 1, T), o.IDs) // [r, used, T]
+		return ggmlx.ScatterFB(ctx, h, st.IdxA, o.IDs, o.Scales, y, r)
+	}
 	y := a.MulmatID(ctx, x.Reshape(ctx, st.In, 1, T), o.IDs).Mul(ctx, o.Scales) // [r, used, T]
 	idx := o.tokenIndex(ctx, st.IdxA, r)                                        // [r*used, T]
 	h3 := h.Reshape(ctx, 1, st.Out, T)
@@ -110,6 +121,9 @@ func (o Op) LoRA(ctx ml.Context, x, h ml.Tensor) ml.Tensor {
 	a := st.A.View(ctx, 0, st.In, st.A.Stride(1), r, st.A.Stride(2), nSlots)
 	b := st.B.View(ctx, 0, r, st.B.Stride(1), st.Out, st.B.Stride(2), nSlots)
 	y := a.MulmatID(ctx, x.Reshape(ctx, st.In, 1, T), o.IDs) // [r, used, T]
-	z := b.MulmatID(ctx, y, o.IDsB).Mul(ctx, o.Scales)       // [out, used, T]
+	if st.Fused {
+		return ggmlx.ExpandZ(ctx, h, st.B, o.IDsB, o.Scales, y, r)
+	}
+	z := b.MulmatID(ctx, y, o.IDsB).Mul(ctx, o.Scales) // [out, used, T]
 	return h.Add(ctx, o.sumUsed(ctx, z, st.Out))
 }

@@ -2,6 +2,9 @@ package kernels
 
 import (
 	"fmt"
+	"slices"
+	"sort"
+	"strings"
 
 	"github.com/ollama/ollama/ml"
 
@@ -132,6 +135,47 @@ func (r *Routing) Bind(ctx ml.Context) *Bound {
 		b.variants = append(b.variants, bv)
 	}
 	return b
+}
+
+// Signature writes what of the routing shapes a step's graph: per variant
+// the adapters per token, the rank and the modules targeted.
+func (r *Routing) Signature(b *strings.Builder) {
+	for _, v := range r.variants {
+		ts := make([]adapters.Target, 0, len(v.targets))
+		for t := range v.targets {
+			ts = append(ts, t)
+		}
+		sort.Slice(ts, func(i, j int) bool {
+			if ts[i].Layer != ts[j].Layer {
+				return ts[i].Layer < ts[j].Layer
+			}
+			return ts[i].Module < ts[j].Module
+		})
+		fmt.Fprintf(b, "%s%d,%d:", v.variant, v.used, v.rank)
+		for _, t := range ts {
+			fmt.Fprintf(b, "%d.%d,", t.Layer, t.Module)
+		}
+		b.WriteByte(';')
+	}
+}
+
+// Update writes the routing of a step with the same signature into the
+// bound inputs, skipping tables that did not change.
+func (b *Bound) Update(r *Routing) {
+	for i, vr := range r.variants {
+		v := &b.variants[i]
+		if !slices.Equal(v.variantRoute.ids, vr.ids) {
+			v.ids.FromInts(vr.ids)
+		}
+		if vr.idsB != nil && !slices.Equal(v.variantRoute.idsB, vr.idsB) {
+			v.idsB.FromInts(vr.idsB)
+		}
+		if !slices.Equal(v.variantRoute.scales, vr.scales) {
+			v.scales.FromFloats(vr.scales)
+		}
+		v.variantRoute = vr
+	}
+	b.routing = r
 }
 
 // Select restricts the routing to the batch rows listed in rows.

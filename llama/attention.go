@@ -2,7 +2,9 @@ package llama
 
 import (
 	"encoding/binary"
+	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/ollama/ollama/ml"
 	"github.com/x448/float16"
@@ -29,6 +31,10 @@ type attnGroup struct {
 	// qFirst is the first query row when qRows is one contiguous run
 	// (then the queries are a view, not a gather); -1 otherwise.
 	qFirst int
+	// block0 is the first block when the group is one sequence whose
+	// blocks are consecutive (then keys and values are a view of the pool,
+	// not a gather); -1 otherwise.
+	block0 int
 	mask   []byte // F16 [nb·BlockSize, q, 1, nSeqs]
 }
 
@@ -119,6 +125,16 @@ func newGroup(seqs []seqSpan, nb, blockSize int) attnGroup {
 			fillMaskRow(g.mask[2*cell*kvLen:2*(cell+1)*kvLen], s.pos0+j)
 		}
 	}
+	g.block0 = -1
+	if len(seqs) == 1 && len(g.blocks) > 0 {
+		g.block0 = int(g.blocks[0])
+		for k, b := range g.blocks {
+			if int(b) != g.block0+k {
+				g.block0 = -1
+				break
+			}
+		}
+	}
 	g.qFirst = int(g.qRows[0])
 	for k, r := range g.qRows {
 		if int(r) != g.qFirst+k {
@@ -160,8 +176,10 @@ func (p *KVPool) bind(ctx ml.Context, m *Model, plan *attentionPlan) *pagedAtten
 	a.writeIdx = ctx.Input().FromInts(plan.writeIdx, len(plan.writeIdx))
 	for _, g := range plan.groups {
 		bg := boundGroup{attnGroup: g,
-			blocksT: ctx.Input().FromInts(g.blocks, len(g.blocks)),
-			maskT:   ctx.Input().FromBytes(ml.DTypeF16, g.mask, g.nb*p.BlockSize, g.q, 1, g.nSeqs)}
+			maskT: ctx.Input().FromBytes(ml.DTypeF16, g.mask, g.nb*p.BlockSize, g.q, 1, g.nSeqs)}
+		if g.block0 < 0 {
+			bg.blocksT = ctx.Input().FromInts(g.blocks, len(g.blocks))
+		}
 		if g.qFirst < 0 {
 			bg.qRowsT = ctx.Input().FromInts(g.qRows, len(g.qRows))
 		}
@@ -171,6 +189,34 @@ func (p *KVPool) bind(ctx ml.Context, m *Model, plan *attentionPlan) *pagedAtten
 		a.outRows = ctx.Input().FromInts(plan.outRows, len(plan.outRows))
 	}
 	return a
+}
+
+// signature writes what of the plan shapes the graph: the groups' sizes
+// and the offsets their views use.
+func (p *attentionPlan) signature(b *strings.Builder) {
+	for _, g := range p.groups {
+		fmt.Fprintf(b, "g%d,%d,%d,%d,%d;", g.nSeqs, g.q, g.nb, g.qFirst, g.block0)
+	}
+	fmt.Fprintf(b, "r%v|", p.outRows != nil)
+}
+
+// update writes a plan of the same signature into the bound inputs.
+func (a *pagedAttention) update(p *attentionPlan) {
+	a.plan = p
+	a.writeIdx.FromInts(p.writeIdx)
+	for i, g := range p.groups {
+		bg := &a.groups[i]
+		if bg.blocksT != nil {
+			bg.blocksT.FromInts(g.blocks)
+		}
+		if bg.qRowsT != nil {
+			bg.qRowsT.FromInts(g.qRows)
+		}
+		bg.maskT.FromBytes(g.mask)
+	}
+	if a.outRows != nil {
+		a.outRows.FromInts(p.outRows)
+	}
 }
 
 func (a *pagedAttention) Attend(ctx ml.Context, layer int, q, k, v ml.Tensor) ml.Tensor {
@@ -192,8 +238,15 @@ func (a *pagedAttention) Attend(ctx ml.Context, layer int, q, k, v ml.Tensor) ml
 		}
 		qg = qg.Reshape(ctx, cfg.HeadDim, cfg.Heads, g.q, g.nSeqs)
 		kvLen := g.nb * bs
-		kg := ggmlx.GatherRows(ctx, keys, g.blocksT).Reshape(ctx, cfg.HeadDim, cfg.KVHeads, kvLen, g.nSeqs)
-		vg := ggmlx.GatherRows(ctx, values, g.blocksT).Reshape(ctx, cfg.HeadDim, cfg.KVHeads, kvLen, g.nSeqs)
+		read := func(pool ml.Tensor) ml.Tensor {
+			if g.block0 >= 0 {
+				pool = pool.View(ctx, g.block0*pool.Stride(1), pool.Dim(0)*g.nb)
+			} else {
+				pool = ggmlx.GatherRows(ctx, pool, g.blocksT)
+			}
+			return pool.Reshape(ctx, cfg.HeadDim, cfg.KVHeads, kvLen, g.nSeqs)
+		}
+		kg, vg := read(keys), read(values)
 		o := qg.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, kg, vg, g.maskT, nil, nil, a.m.AttentionScale(), true)
 		o = o.Reshape(ctx, cfg.QDim(), g.q*g.nSeqs)
 		if out == nil {

@@ -2,6 +2,7 @@ package llama
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/ollama/ollama/ml"
 
@@ -25,6 +26,8 @@ type EngineOptions struct {
 	NoPrefixCache bool
 	// Bank sizes the adapter bank.
 	Bank kernels.Config
+	// HugePages backs the KV pool and the bank with transparent huge pages.
+	HugePages bool
 }
 
 // Engine runs batched steps of a model: every sequence holds blocks of one
@@ -36,6 +39,10 @@ type Engine struct {
 	Bank  *kernels.Bank
 	// MaxSeqLen is the longest sequence a step accepts.
 	MaxSeqLen int
+	// graph is the last step's, reused by a next step of the same shape
+	// while the scheduler is still allocated for it (llama.cpp reuses
+	// graphs the same way: a graph is only ever allocated once).
+	graph *stepGraph
 }
 
 // NewEngine allocates the KV pool and the adapter bank.
@@ -70,11 +77,16 @@ func NewEngine(m *Model, opts EngineOptions) (*Engine, error) {
 		pool.close()
 		return nil, err
 	}
+	if opts.HugePages {
+		ggmlx.HugePages(append(append([]ml.Tensor(nil), pool.keys...), pool.values...))
+		ggmlx.HugePages(bank.Tensors())
+	}
 	return &Engine{Model: m, Pool: pool, Bank: bank, MaxSeqLen: opts.MaxSeqLen}, nil
 }
 
 // Close frees the KV pool and the adapter bank (not the model).
 func (e *Engine) Close() {
+	e.dropGraph()
 	e.Bank.Close()
 	e.Pool.close()
 }
@@ -95,15 +107,29 @@ type Seq struct {
 
 // Step runs one forward pass over all sequences and returns each sequence's
 // logits: one row per token with AllLogits, else one row (none with NoLogits).
+// A step with the shape of the previous one (same batch layout, attention
+// groups and adapter routing shape — consecutive decode steps, mostly)
+// reuses its graph and allocation and only uploads new inputs.
 func (e *Engine) Step(seqs []Seq) ([][][]float32, error) {
-	ctx, logits, err := e.build(seqs)
+	in, err := e.prepare(seqs)
 	if err != nil {
 		return nil, err
 	}
-	defer ctx.Close()
-	ctx.Forward(logits).Compute(logits)
-	flat := logits.Floats()
-	vocab := logits.Dim(0)
+	g := e.graph
+	if g != nil && g.sig == in.sig && ggmlx.Allocated(g.ctx) {
+		g.update(in)
+	} else {
+		e.dropGraph()
+		ggmlx.EnsureGraphNodes(e.Model.Backend(), e.graphBudget(len(in.plan.groups), in.routing.NodesPerModule()))
+		g = e.buildGraph(in)
+		e.graph = g
+	}
+	if err := ggmlx.ComputeKeep(g.ctx); err != nil {
+		e.dropGraph()
+		return nil, err
+	}
+	flat := ggmlx.Floats(g.logits, nil)
+	vocab := g.logits.Dim(0)
 	for _, s := range seqs {
 		s.KV.commit(s.Tokens)
 	}
@@ -127,40 +153,95 @@ func (e *Engine) Step(seqs []Seq) ([][][]float32, error) {
 	return result, nil
 }
 
-// build lays out a step and builds its graph in a new context (the caller
-// closes it); the returned tensor is the logits.
-func (e *Engine) build(seqs []Seq) (ml.Context, ml.Tensor, error) {
+// stepInputs is a laid-out step: the host data of its graph's inputs and
+// the signature of its graph's shape.
+type stepInputs struct {
+	tokens, positions, outputs []int32
+	// needOutputs: the rows wanted are not simply all of them in order.
+	needOutputs bool
+	plan        *attentionPlan
+	routing     *kernels.Routing
+	sig         string
+}
+
+func (e *Engine) prepare(seqs []Seq) (*stepInputs, error) {
 	spans, uses, tokens, positions, outputs, err := e.layout(seqs)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	routing, err := e.Bank.Route(uses)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	plan := planAttention(spans, e.Pool.BlockSize)
-	ggmlx.EnsureGraphNodes(e.Model.Backend(), e.graphBudget(len(plan.groups), routing.NodesPerModule()))
-
-	ctx := e.Model.Backend().NewContext()
-	ctx.SetBatchSize(len(tokens))
-	tokT := ctx.Input().FromInts(tokens, len(tokens))
-	posT := ctx.Input().FromInts(positions, len(positions))
-	var outT ml.Tensor
-	if len(outputs) == 0 {
+	in := &stepInputs{tokens: tokens, positions: positions, outputs: outputs, routing: routing,
+		plan: planAttention(spans, e.Pool.BlockSize)}
+	if len(in.outputs) == 0 {
 		// Nothing to return: still run the layers to fill the cache, keeping
 		// one row so the graph has an output.
-		outputs = []int32{0}
+		in.outputs = []int32{0}
 	}
-	if len(outputs) != len(tokens) || !isIdentity(outputs) {
-		outT = ctx.Input().FromInts(outputs, len(outputs))
+	in.needOutputs = len(in.outputs) != len(tokens) || !isIdentity(in.outputs)
+	var sig strings.Builder
+	fmt.Fprintf(&sig, "T%d o%d %v|", len(tokens), len(in.outputs), in.needOutputs)
+	in.plan.signature(&sig)
+	routing.Signature(&sig)
+	in.sig = sig.String()
+	return in, nil
+}
+
+// stepGraph is a built step graph with its input tensors, kept for the
+// next step of the same shape.
+type stepGraph struct {
+	sig                        string
+	ctx                        ml.Context
+	logits                     ml.Tensor
+	tokens, positions, outputs ml.Tensor
+	att                        *pagedAttention
+	proj                       *kernels.Bound
+}
+
+func (e *Engine) buildGraph(in *stepInputs) *stepGraph {
+	g := &stepGraph{sig: in.sig, ctx: e.Model.Backend().NewContext()}
+	ctx := g.ctx
+	ctx.SetBatchSize(len(in.tokens))
+	g.tokens = ctx.Input().FromInts(in.tokens, len(in.tokens))
+	g.positions = ctx.Input().FromInts(in.positions, len(in.positions))
+	if in.needOutputs {
+		g.outputs = ctx.Input().FromInts(in.outputs, len(in.outputs))
 	}
 	var proj Projector
-	if !routing.Empty() {
-		proj = routing.Bind(ctx)
+	if !in.routing.Empty() {
+		g.proj = in.routing.Bind(ctx)
+		proj = g.proj
 	}
-	att := e.Pool.bind(ctx, e.Model, plan)
-	hidden := e.Model.Transformer(ctx, tokT, posT, outT, att, proj)
-	return ctx, e.Model.Logits(ctx, hidden), nil
+	g.att = e.Pool.bind(ctx, e.Model, in.plan)
+	hidden := e.Model.Transformer(ctx, g.tokens, g.positions, g.outputs, g.att, proj)
+	g.logits = e.Model.Logits(ctx, hidden)
+	ctx.Forward(g.logits)
+	return g
+}
+
+// update writes a step's inputs into a graph of the same shape.
+func (g *stepGraph) update(in *stepInputs) {
+	g.tokens.FromInts(in.tokens)
+	g.positions.FromInts(in.positions)
+	if g.outputs != nil {
+		g.outputs.FromInts(in.outputs)
+	}
+	g.att.update(in.plan)
+	if g.proj != nil {
+		g.proj.Update(in.routing)
+	}
+}
+
+// dropGraph frees the kept graph (and resets the scheduler, which may be
+// allocated for it).
+func (e *Engine) dropGraph() {
+	if e.graph != nil {
+		ggmlx.Forget(e.Model.Backend())
+		e.graph.ctx.Close()
+		e.graph = nil
+	}
 }
 
 // ReserveCompute allocates the compute buffers of the largest step the
@@ -187,13 +268,15 @@ func (e *Engine) ReserveCompute(parallel, prefill int) (n int64, err error) {
 	// Room for the most attention groups a step can have (every sequence
 	// prefilling, or decoding at lengths too far apart to share a group),
 	// so the scheduler — and its reserved buffers — is never rebuilt.
+	e.dropGraph()
 	ggmlx.EnsureGraphNodes(e.Model.Backend(), e.graphBudget(2*parallel+1, kernels.MaxNodesPerModule))
-	ctx, logits, err := e.build(seqs)
+	in, err := e.prepare(seqs)
 	if err != nil {
 		return 0, err
 	}
-	defer ctx.Close()
-	ctx.Forward(logits).Reserve()
+	g := e.buildGraph(in)
+	defer g.ctx.Close()
+	g.ctx.Reserve()
 	return ggmlx.ComputeBufferSize(e.Model.Backend()), nil
 }
 

@@ -42,6 +42,7 @@ type Model struct {
 	Threads int
 	// repacked holds the weights moved to ggml-cpu's repacked layouts.
 	repacked *ggmlx.Repacked
+	threads  *ggmlx.Threadpool
 }
 
 // Layer is one transformer block.
@@ -101,6 +102,18 @@ type LoadOptions struct {
 	// faster matmuls). A repacked model can only run inference: the
 	// trainer's backward pass and weight readers need the plain layout.
 	Repack bool
+	// PersistentThreads gives the CPU backend a pool of worker threads that
+	// sleep between graphs, instead of threads started for every graph.
+	PersistentThreads bool
+	// HugePages backs the weights with transparent huge pages (fewer TLB
+	// misses on the matrices read every step).
+	HugePages bool
+}
+
+// ServingOptions are the load options of inference: repacked weights,
+// persistent worker threads and huge pages.
+func ServingOptions(threads int) LoadOptions {
+	return LoadOptions{Threads: threads, Repack: true, PersistentThreads: true, HugePages: true}
 }
 
 // ReadBase reads only the metadata of a base model GGUF and describes its
@@ -143,6 +156,12 @@ func Load(path string, opts LoadOptions) (*Model, error) {
 	m.Path = path
 	m.Threads = threads
 	m.AdapterBase = base
+	if opts.HugePages {
+		ggmlx.HugePages(m.matmulWeights())
+	}
+	if opts.PersistentThreads {
+		m.threads = ggmlx.UseThreadpool(m.Backend(), threads, 0)
+	}
 	if opts.Repack {
 		if m.repacked, err = ggmlx.Repack(m.matmulWeights()); err != nil {
 			m.Backend().Close()
@@ -211,6 +230,7 @@ func (m *Model) validate() error {
 
 // Close frees the model's backend memory.
 func (m *Model) Close() {
+	m.threads.Close(m.Backend())
 	m.Backend().Close()
 	m.repacked.Free()
 }

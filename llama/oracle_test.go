@@ -44,7 +44,13 @@ func compareWithOracle(t *testing.T, path string, tol float64) {
 }
 
 func compareWithOracleLayout(t *testing.T, path string, tol float64, repack bool) {
-	m, err := Load(path, LoadOptions{Threads: 2, Repack: repack})
+	// Repacked runs use the whole serving configuration (persistent
+	// worker threads, huge pages): none of it may change a logit.
+	opts := LoadOptions{Threads: 2}
+	if repack {
+		opts = ServingOptions(2)
+	}
+	m, err := Load(path, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

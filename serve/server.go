@@ -52,6 +52,9 @@ type Config struct {
 	CacheF32 bool
 	// NoPrefixCache turns prefix caching off.
 	NoPrefixCache bool
+	// NoRepack keeps CPU weights in their file layout (ggml-cpu's repacked
+	// layouts are faster; llama.cpp repacks by default too).
+	NoRepack bool
 	// BankType stores adapter matrices: f16 (default), f32 or q8_0.
 	BankType string
 	// MaxLoading bounds adapter loads in flight (default 2).
@@ -158,7 +161,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	cfg.ContextLength, cfg.Parallel, cfg.KVTokens = plan.MaxSeqLen, plan.Parallel, plan.KVTokens
 	cfg.MaxResident, cfg.MaxRank = plan.MaxResident, plan.MaxRank
-	m, err := llama.Load(cfg.ModelPath, llama.LoadOptions{Threads: cfg.Threads})
+	lo := llama.ServingOptions(cfg.Threads)
+	lo.Repack = !cfg.NoRepack
+	m, err := llama.Load(cfg.ModelPath, lo)
 	if err != nil {
 		return nil, err
 	}
@@ -179,6 +184,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	opts := plan.EngineOptions()
 	opts.NoPrefixCache = cfg.NoPrefixCache
+	opts.HugePages = true
 	e, err := llama.NewEngine(m, opts)
 	if err != nil {
 		m.Close()

@@ -43,6 +43,7 @@ func main() {
 	bankType := flag.String("bank-type", "f16", "adapter bank storage: f16, f32 or q8_0")
 	noRepack := flag.Bool("no-repack", false, "do not repack our CPU weights (llama.cpp keeps its default)")
 	prefill := flag.Int("prefill", 442, "prompt tokens of the prefill measurement (0: skip)")
+	threadsPerGraph := flag.Bool("threads-per-graph", false, "start worker threads for every graph (ggml's default) instead of a persistent pool")
 	flag.Parse()
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 
@@ -71,14 +72,16 @@ func main() {
 	check(err)
 	bankDType := map[string]ml.DType{"f16": ml.DTypeF16, "f32": ml.DTypeF32, "q8_0": ml.DTypeQ80}[*bankType]
 
-	m, err := llama.Load(*modelPath, llama.LoadOptions{Threads: *threads, Repack: !*noRepack})
+	opts := llama.ServingOptions(*threads)
+	opts.Repack, opts.PersistentThreads = !*noRepack, !*threadsPerGraph
+	m, err := llama.Load(*modelPath, opts)
 	check(err)
 	defer m.Close()
 	nRepacked, _ := m.Repacked()
 	prompt, _ := m.Tokenizer.Encode("Once upon a time, there was a", true)
 	maxB := slices.Max(bs)
 	seqLen := len(prompt) + *tokens + 2
-	e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: 2 * (maxB + 1) * (seqLen + 64), MaxSeqLen: max(seqLen, *prefill+2), NoPrefixCache: true,
+	e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: 2 * (maxB + 1) * (seqLen + 64), MaxSeqLen: max(seqLen, *prefill+2), NoPrefixCache: true, HugePages: true,
 		Bank: kernels.Config{Slots: maxB, MaxRank: *rank, DType: bankDType}})
 	check(err)
 	defer e.Close()
@@ -100,9 +103,9 @@ func main() {
 		for i := range uses {
 			uses[i] = []kernels.Use{{Adapter: res[i%len(res)], Scale: 1}}
 		}
-		ref, base, adapted := alternate(o, e, prompt, *tokens, b, uses)
+		r := alternate(o, e, prompt, *tokens, b, uses)
 		o.Close()
-		fmt.Printf("%6d %10.1f tok/s %10.1f tok/s %5.2fx %14.1f tok/s %5.2fx base\n", b, ref, base, base/ref, adapted, adapted/base)
+		fmt.Printf("%6d %10.1f tok/s %10.1f tok/s %5.2fx %14.1f tok/s %5.2fx base\n", b, r.ref, r.base, r.baseRatio, r.adapted, r.adapterRatio)
 	}
 	if *prefill > 0 {
 		long := make([]int32, *prefill)
@@ -131,10 +134,19 @@ func main() {
 	}
 }
 
+// result is one batch size's measurement: each engine's tok/s from its
+// median step, and ratios as the median over turns of the time ratio of
+// the engines' turns (robust to the machine's speed drifting during the
+// run: each ratio compares turns a few milliseconds apart).
+type result struct {
+	ref, base, adapted      float64
+	baseRatio, adapterRatio float64
+}
+
 // alternate prefills b sequences in each engine, then decodes steps
-// tokens in turn: one llama.cpp step, one base step of ours, one step of
-// ours with uses. It returns each one's tok/s from its median step.
-func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, steps, b int, uses [][]kernels.Use) (ref, base, adapted float64) {
+// tokens, the engines taking turns: llama.cpp, ours with the base model,
+// ours with uses.
+func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, steps, b int, uses [][]kernels.Use) result {
 	// llama.cpp: all prompts in one batch.
 	var entries []oracle.Entry
 	for s := 0; s < b; s++ {
@@ -184,26 +196,52 @@ func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, steps, b int, 
 		}
 		return d
 	}
+	// Each engine runs a few consecutive steps in turn: a server decodes
+	// the same batch step after step (our engine reuses the graph of a
+	// repeated step shape), and the turns keep the machine fair.
+	const turn = 4
 	var times [3][]time.Duration
+	var baseRatios, adapterRatios []float64
+	sum := func(d []time.Duration) (s time.Duration) {
+		for _, x := range d[len(d)-turn:] {
+			s += x
+		}
+		return s
+	}
 	pos := len(prompt)
-	for k := 0; k < steps; k++ {
-		entries = entries[:0]
-		for s := 0; s < b; s++ {
-			entries = append(entries, oracle.Entry{Token: next[s], Pos: pos, Seq: s, Logits: true})
+	for k := 0; k < steps; k += turn {
+		for j := 0; j < turn; j++ {
+			entries = entries[:0]
+			for s := 0; s < b; s++ {
+				entries = append(entries, oracle.Entry{Token: next[s], Pos: pos, Seq: s, Logits: true})
+			}
+			start := time.Now()
+			logits, err := o.EvalBatch(entries)
+			check(err)
+			times[0] = append(times[0], time.Since(start))
+			for s := range next {
+				next[s] = oracle.Argmax(logits[s])
+			}
+			pos++
 		}
-		start := time.Now()
-		logits, err := o.EvalBatch(entries)
-		check(err)
-		times[0] = append(times[0], time.Since(start))
-		for s := range next {
-			next[s] = oracle.Argmax(logits[s])
+		for j := 0; j < turn; j++ {
+			times[1] = append(times[1], step(plain))
 		}
-		pos++
-		times[1] = append(times[1], step(plain))
-		times[2] = append(times[2], step(withAdapters))
+		for j := 0; j < turn; j++ {
+			times[2] = append(times[2], step(withAdapters))
+		}
+		baseRatios = append(baseRatios, float64(sum(times[0]))/float64(sum(times[1])))
+		adapterRatios = append(adapterRatios, float64(sum(times[1]))/float64(sum(times[2])))
 	}
 	tps := func(d []time.Duration) float64 { return float64(b) / median(d).Seconds() }
-	return tps(times[0]), tps(times[1]), tps(times[2])
+	return result{ref: tps(times[0]), base: tps(times[1]), adapted: tps(times[2]),
+		baseRatio: medianFloat(baseRatios), adapterRatio: medianFloat(adapterRatios)}
+}
+
+func medianFloat(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 func median(d []time.Duration) time.Duration {

@@ -43,7 +43,7 @@ func runGenerate(args []string) error {
 	if len(adapterList) > kernels.MaxCompose {
 		return fmt.Errorf("at most %d adapters compose, got %d", kernels.MaxCompose, len(adapterList))
 	}
-	m, err := llama.Load(*modelPath, llama.LoadOptions{Threads: *threads})
+	m, err := llama.Load(*modelPath, llama.ServingOptions(*threads))
 	if err != nil {
 		return err
 	}

@@ -35,6 +35,7 @@ func runServe(args []string) error {
 	fs.IntVar(&cfg.Threads, "threads", 0, "CPU threads (0 = all cores)")
 	fs.BoolVar(&cfg.CacheF32, "cache-f32", false, "keep the KV cache in F32 instead of F16")
 	fs.BoolVar(&cfg.NoPrefixCache, "no-prefix-cache", false, "do not reuse the KV blocks of shared prompt prefixes")
+	fs.BoolVar(&cfg.NoRepack, "no-repack", false, "keep CPU weights in their file layout instead of ggml-cpu's faster repacked layouts")
 	fs.StringVar(&cfg.BankType, "bank-type", "f16", "adapter bank storage: f16, f32 or q8_0")
 	fs.StringVar(&cfg.APIKey, "api-key", os.Getenv("SBORA_API_KEY"), "Bearer key for inference endpoints (env SBORA_API_KEY)")
 	fs.StringVar(&cfg.AdminKey, "admin-key", os.Getenv("SBORA_ADMIN_KEY"), "Bearer key for adapter changes (env SBORA_ADMIN_KEY); without it the admin API is off when --api-key is set, and answers loopback clients only otherwise")

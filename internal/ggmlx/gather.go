@@ -58,3 +58,17 @@ func ReadAt(t ml.Tensor, offset int, data []byte) {
 	}
 	C.ggml_backend_tensor_get(rt, unsafe.Pointer(&data[0]), C.size_t(offset), C.size_t(len(data)))
 }
+
+// Floats reads an F32 tensor into dst (grown as needed) and returns it.
+func Floats(t ml.Tensor, dst []float32) []float32 {
+	rt := rawTensor(t)
+	n := int(C.ggml_nelements(rt))
+	if cap(dst) < n {
+		dst = make([]float32, n)
+	}
+	dst = dst[:n]
+	if n > 0 {
+		C.ggml_backend_tensor_get(rt, unsafe.Pointer(&dst[0]), 0, C.size_t(4*n))
+	}
+	return dst
+}

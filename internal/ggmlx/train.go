@@ -122,6 +122,7 @@ func (g *Graph) Compute() (err error) {
 	mu.Lock()
 	defer mu.Unlock()
 	C.ggml_backend_sched_reset(sched)
+	setAllocated(base, nil)
 	if !C.ggml_backend_sched_alloc_graph(sched, g.g) {
 		C.ggml_backend_sched_reset(sched)
 		return errors.New("ggmlx: cannot allocate the training graph (out of memory?)")

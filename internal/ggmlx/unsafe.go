@@ -127,6 +127,7 @@ func EnsureGraphNodes(b ml.Backend, n int) {
 	C.ggml_backend_sched_free(*sched)
 	*sched = fresh
 	*maxNodes = n
+	setAllocated(base, nil)
 }
 
 // WriteFloats copies v into t (F32) starting at element offset.
@@ -171,3 +172,5 @@ func ComputeBufferSize(b ml.Backend) int64 {
 
 // SameTensor reports whether a and b are the same ggml tensor.
 func SameTensor(a, b ml.Tensor) bool { return rawTensor(a) == rawTensor(b) }
+
+var contextGraph = mustField(contextType, "graph", "*ggml._Ctype_struct_ggml_cgraph")
