@@ -134,3 +134,19 @@ func (e *Engine) Generate(ctx context.Context, prompt []int32, o GenerateOptions
 	}
 	return out, nil
 }
+
+// TokenPieces returns every token's text as bytes (byte tokens as their
+// byte), nil for control tokens, which never appear in text.
+func TokenPieces(tok tokenizer.Tokenizer) [][]byte {
+	n := len(tok.Vocabulary().Values)
+	pieces := make([][]byte, n)
+	for t := range int32(n) {
+		if IsControl(tok, t) {
+			continue
+		}
+		if s, err := tok.Decode([]int32{t}); err == nil && s != "" {
+			pieces[t] = []byte(s)
+		}
+	}
+	return pieces
+}

@@ -24,6 +24,8 @@ type ModelInfo struct {
 	// WeightBytes is the memory the weights take once loaded (a tied output
 	// head is a second copy of the token embedding in ggml's backend).
 	WeightBytes int64
+	// ChatTemplate is the GGUF's Jinja chat template ("" for none).
+	ChatTemplate string
 }
 
 // ReadInfo reads a llama GGUF's metadata.
@@ -56,6 +58,7 @@ func ReadInfo(path string) (*ModelInfo, error) {
 		}
 	}
 	info := &ModelInfo{Config: c}
+	info.ChatTemplate, _ = f.KV.String("tokenizer.chat_template")
 	shapes := make([]adapters.TensorShape, 0, len(f.Tensors))
 	hasOutput := false
 	var embd int64

@@ -1,11 +1,13 @@
 package llama
 
 import (
+	"container/heap"
 	"fmt"
 	"os"
 	"sort"
 	"strings"
 
+	"github.com/dlclark/regexp2"
 	"github.com/ollama/ollama/fs"
 	fsggml "github.com/ollama/ollama/fs/ggml"
 	"github.com/ollama/ollama/tokenizer"
@@ -42,8 +44,7 @@ func NewTokenizer(kv fs.Config) (tokenizer.Tokenizer, error) {
 		return &sentencePiece{SentencePiece: spm, vocab: vocab, specials: newSpecials(vocab),
 			addSpacePrefix: kv.Bool("tokenizer.ggml.add_space_prefix", true)}, nil
 	case "gpt2":
-		bpe := tokenizer.NewBytePairEncoding(vocab, pretokenizer(kv.String("tokenizer.ggml.pre"))...)
-		return &bytePairs{BytePairEncoding: bpe, vocab: vocab, specials: newSpecials(vocab)}, nil
+		return newBytePairs(vocab, pretokenizer(kv.String("tokenizer.ggml.pre"))), nil
 	default:
 		return nil, fmt.Errorf("unsupported tokenizer model %q", model)
 	}
@@ -169,25 +170,167 @@ func (t *sentencePiece) Encode(s string, addSpecial bool) ([]int32, error) {
 	return addSpecials(t.vocab, ids, addSpecial), nil
 }
 
-// bytePairs splits special tokens before ollama's byte-pair encoder sees
-// the text.
+// bytePairs is byte-level BPE as llama.cpp does it: special tokens split
+// out first, the pre-tokenizer's pieces, then merges by rank with ties
+// going to the leftmost pair (ollama's encoder breaks ties arbitrarily,
+// which merges runs like "......" and "" differently). Decoding is
+// ollama's.
 type bytePairs struct {
 	tokenizer.BytePairEncoding
 	vocab    *tokenizer.Vocabulary
 	specials *specialTokens
+	regexps  []*regexp2.Regexp
+}
+
+func newBytePairs(vocab *tokenizer.Vocabulary, pre []string) *bytePairs {
+	if len(pre) == 0 {
+		// The byte-level pre-tokenizer of GPT-2 (Hugging Face's default).
+		pre = []string{`'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`}
+	}
+	t := &bytePairs{BytePairEncoding: tokenizer.NewBytePairEncoding(vocab, pre...), vocab: vocab, specials: newSpecials(vocab)}
+	for _, p := range pre {
+		t.regexps = append(t.regexps, regexp2.MustCompile(p, regexp2.RE2))
+	}
+	return t
 }
 
 func (t *bytePairs) Encode(s string, addSpecial bool) ([]int32, error) {
 	var ids []int32
 	err := t.specials.split(s, func(text string) error {
-		part, err := t.BytePairEncoding.Encode(text, false)
-		ids = append(ids, part...)
-		return err
+		for _, piece := range t.split(text) {
+			ids = t.merge(piece, ids)
+		}
+		return nil
 	}, func(id int32) { ids = append(ids, id) })
 	if err != nil {
 		return nil, err
 	}
 	return addSpecials(t.vocab, ids, addSpecial), nil
+}
+
+// split applies the pre-tokenizer's expressions in turn, keeping the text
+// between matches as pieces of its own.
+func (t *bytePairs) split(s string) []string {
+	parts := []string{s}
+	for _, re := range t.regexps {
+		var next []string
+		for _, part := range parts {
+			r := []rune(part)
+			offset := 0
+			m, _ := re.FindRunesMatch(r)
+			for ; m != nil; m, _ = re.FindNextMatch(m) {
+				if m.Index > offset {
+					next = append(next, string(r[offset:m.Index]))
+				}
+				next = append(next, m.String())
+				offset = m.Index + m.Length
+			}
+			if offset < len(r) {
+				next = append(next, string(r[offset:]))
+			}
+		}
+		parts = next
+	}
+	return parts
+}
+
+// byteRune maps a byte to the printable rune that stands for it in
+// byte-level BPE vocabularies (GPT-2's bytes_to_unicode).
+func byteRune(b byte) rune {
+	r := rune(b)
+	switch {
+	case r == 0xad:
+		return 0x143
+	case r <= 0x20:
+		return r + 0x100
+	case r >= 0x7f && r <= 0xa0:
+		return r + 0xa2
+	}
+	return r
+}
+
+type bpeSymbol struct {
+	text       string
+	prev, next int
+}
+
+type bpePair struct {
+	left, right int // symbol indices
+	rank        int
+	text        string
+}
+
+type bpeQueue []bpePair
+
+func (q bpeQueue) Len() int { return len(q) }
+func (q bpeQueue) Less(i, j int) bool {
+	return q[i].rank < q[j].rank || (q[i].rank == q[j].rank && q[i].left < q[j].left)
+}
+func (q bpeQueue) Swap(i, j int) { q[i], q[j] = q[j], q[i] }
+func (q *bpeQueue) Push(x any)   { *q = append(*q, x.(bpePair)) }
+func (q *bpeQueue) Pop() any {
+	old := *q
+	x := old[len(old)-1]
+	*q = old[:len(old)-1]
+	return x
+}
+
+// merge encodes one pre-tokenized piece and appends its ids.
+func (t *bytePairs) merge(piece string, ids []int32) []int32 {
+	var sb strings.Builder
+	for i := 0; i < len(piece); i++ {
+		sb.WriteRune(byteRune(piece[i]))
+	}
+	text := sb.String()
+	if id := t.vocab.Encode(text); id >= 0 {
+		return append(ids, id)
+	}
+	var syms []bpeSymbol
+	for i, r := range []rune(text) {
+		syms = append(syms, bpeSymbol{text: string(r), prev: i - 1, next: i + 1})
+	}
+	q := &bpeQueue{}
+	push := func(l, r int) {
+		if l < 0 || r >= len(syms) {
+			return
+		}
+		if rank := t.vocab.Merge(syms[l].text, syms[r].text); rank >= 0 {
+			heap.Push(q, bpePair{left: l, right: r, rank: rank, text: syms[l].text + syms[r].text})
+		}
+	}
+	for i := 0; i+1 < len(syms); i++ {
+		push(i, i+1)
+	}
+	for q.Len() > 0 {
+		p := heap.Pop(q).(bpePair)
+		l, r := &syms[p.left], &syms[p.right]
+		if l.text == "" || r.text == "" || l.text+r.text != p.text || l.next != p.right {
+			continue // stale: one side merged since
+		}
+		l.text += r.text
+		r.text = ""
+		l.next = r.next
+		if r.next < len(syms) {
+			syms[r.next].prev = p.left
+		}
+		push(l.prev, p.left)
+		push(p.left, l.next)
+	}
+	for _, sy := range syms {
+		if sy.text == "" {
+			continue
+		}
+		if id := t.vocab.Encode(sy.text); id >= 0 {
+			ids = append(ids, id)
+			continue
+		}
+		for _, b := range []byte(sy.text) { // not a token: its runes one by one
+			if id := t.vocab.Encode(string(rune(b))); id >= 0 {
+				ids = append(ids, id)
+			}
+		}
+	}
+	return ids
 }
 
 // addSpecials adds BOS and EOS as the vocabulary asks.

@@ -14,7 +14,12 @@ import (
 // TestTokenizerMatchesLlamaCpp checks every pair of llama.cpp's own
 // tokenizer test for the LLaMA SentencePiece vocabulary.
 func TestTokenizerMatchesLlamaCpp(t *testing.T) {
-	vocab := testutil.Shared(t, "models/ggml-vocab-llama-spm.gguf")
+	checkPairs(t, testutil.Shared(t, "models/ggml-vocab-llama-spm.gguf"))
+}
+
+// checkPairs runs llama.cpp's tokenizer test pairs of a vocab-only GGUF
+// (its .inp inputs and .out expected token ids).
+func checkPairs(t *testing.T, vocab string) {
 	inp, err := os.ReadFile(vocab + ".inp")
 	if err != nil {
 		t.Fatal(err)
@@ -116,4 +121,10 @@ func FuzzSpecialSplitter(f *testing.F) {
 			t.Fatalf("split %q rebuilt as %q (%v)", s, b.String(), err)
 		}
 	})
+}
+
+// TestLlama3TokenizerMatchesLlamaCpp checks llama.cpp's Llama-3 BPE test
+// pairs.
+func TestLlama3TokenizerMatchesLlamaCpp(t *testing.T) {
+	checkPairs(t, testutil.Shared(t, "models/ggml-vocab-llama-bpe.gguf"))
 }

@@ -13,12 +13,9 @@ import (
 
 	"github.com/sbora-serve/sbora-serve/adapters"
 	"github.com/sbora-serve/sbora-serve/internal/gguf"
-	"github.com/sbora-serve/sbora-serve/llama"
 )
 
 func urlParam(r *http.Request, name string) string { return chi.URLParam(r, name) }
-
-func encodePrompt(s *Server, text string) ([]int32, error) { return llama.EncodePrompt(s.model, text) }
 
 // adapterJSON describes a registered adapter.
 func (s *Server) adapterJSON(e *adapters.Entry, resident bool) map[string]any {

@@ -22,6 +22,9 @@ func (s *scheduler) enqueue(r *request) {
 		}
 		q := &sequence{req: r, choice: c, input: append([]int32(nil), r.prompt...),
 			sampler: llama.NewSampler(o), stream: llama.NewTextStream(s.tok)}
+		if r.grammar != nil {
+			q.grammar = r.grammar.Start()
+		}
 		r.seqs = append(r.seqs, q)
 		i, _ := slices.BinarySearchFunc(s.waiting, q, before)
 		s.waiting = slices.Insert(s.waiting, i, q)
@@ -85,7 +88,7 @@ func (s *scheduler) admit() {
 			continue
 		}
 		kv := pool.NewSeq(q.req.salt())
-		if !s.cfg.NoPrefixCache {
+		if !s.cfg.NoPrefixCache && !q.wantsPromptLogprobs() {
 			kv.MatchPrefix(q.input)
 		}
 		need := pool.BlocksFor(len(q.input)) - kv.Blocks()

@@ -33,6 +33,7 @@ func TestMain(m *testing.M) {
 	binary = path
 	code := m.Run()
 	cleanup()
+	os.RemoveAll(tmpRoot)
 	os.Exit(code)
 }
 
@@ -50,7 +51,12 @@ var listenRE = regexp.MustCompile(`listening on (http://\S+)`)
 // startServer runs sbora-serve on stories260K with the adapters in dir.
 func startServer(t *testing.T, dir string, args ...string) *server {
 	t.Helper()
-	model := testutil.Shared(t, "models/stories260K.gguf")
+	return startServerModel(t, testutil.Shared(t, "models/stories260K.gguf"), dir, args...)
+}
+
+// startServerModel runs sbora-serve on model with the adapters in dir.
+func startServerModel(t *testing.T, model, dir string, args ...string) *server {
+	t.Helper()
 	all := append([]string{"serve", "--model", model, "--adapter-dir", dir, "--addr", "127.0.0.1:0", "--threads", "2"}, args...)
 	cmd := exec.Command(binary, all...)
 	stderr, err := cmd.StderrPipe()

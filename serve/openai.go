@@ -13,6 +13,7 @@ import (
 
 	"github.com/sbora-serve/sbora-serve/kernels"
 	"github.com/sbora-serve/sbora-serve/llama"
+	"github.com/sbora-serve/sbora-serve/llama/constrain"
 )
 
 // AdapterRef names an adapter and its scale in the "adapters" extension.
@@ -40,13 +41,26 @@ type samplingFields struct {
 	RepetitionPenalty   *float64           `json:"repetition_penalty"`
 	IgnoreEOS           bool               `json:"ignore_eos"`
 	Logprobs            json.RawMessage    `json:"logprobs"`
+	TopLogprobs         *int               `json:"top_logprobs"`
 	LogitBias           map[string]float64 `json:"logit_bias"`
+	ResponseFormat      *responseFormat    `json:"response_format"`
 	Adapters            []AdapterRef       `json:"adapters"`
 	User                string             `json:"user"`
 }
 
 type streamOptions struct {
 	IncludeUsage bool `json:"include_usage"`
+}
+
+// responseFormat is OpenAI's response_format: text, json_object or
+// json_schema (generation constrained to the schema).
+type responseFormat struct {
+	Type       string `json:"type"`
+	JSONSchema *struct {
+		Name   string          `json:"name"`
+		Schema json.RawMessage `json:"schema"`
+		Strict *bool           `json:"strict"`
+	} `json:"json_schema"`
 }
 
 // CompletionRequest is POST /v1/completions.
@@ -60,33 +74,57 @@ type CompletionRequest struct {
 // ChatRequest is POST /v1/chat/completions.
 type ChatRequest struct {
 	samplingFields
-	Messages       []chatMessage   `json:"messages"`
-	Tools          json.RawMessage `json:"tools"`
-	ResponseFormat *struct {
-		Type string `json:"type"`
-	} `json:"response_format"`
+	Messages            []chatMessage              `json:"messages"`
+	Tools               json.RawMessage            `json:"tools"`
+	ToolChoice          json.RawMessage            `json:"tool_choice"`
+	ParallelToolCalls   *bool                      `json:"parallel_tool_calls"`
+	AddGenerationPrompt *bool                      `json:"add_generation_prompt"`
+	ChatTemplateKwargs  map[string]json.RawMessage `json:"chat_template_kwargs"`
 }
 
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
-	Name    string          `json:"name,omitempty"`
+	Role       string          `json:"role"`
+	Content    json.RawMessage `json:"content"`
+	Name       string          `json:"name,omitempty"`
+	ToolCalls  []chatToolCall  `json:"tool_calls,omitempty"`
+	ToolCallID string          `json:"tool_call_id,omitempty"`
+}
+
+type chatToolCall struct {
+	ID       string `json:"id"`
+	Type     string `json:"type"`
+	Function struct {
+		Name      string          `json:"name"`
+		Arguments json.RawMessage `json:"arguments"`
+	} `json:"function"`
 }
 
 // genParams is a validated request, independent of its endpoint.
 type genParams struct {
 	model        string
 	adapters     []AdapterRef
-	maxTokens    int // 0 = up to the context
+	maxTokens    int // -1: up to the context; 0 only with echo
+	n            int
 	sampler      llama.SamplerOptions
 	stop         []string
 	stream       bool
 	includeUsage bool
 	ignoreEOS    bool
+	// logprobs: report each token's log probability and topLogprobs
+	// alternatives; echo: completions return the prompt first (with its
+	// logprobs when asked).
+	logprobs    bool
+	topLogprobs int
+	echo        bool
+	// format constrains the output to JSON (response_format); nil: text.
+	format *constrain.Schema
 	// exactly one of these
 	promptText   string
 	promptTokens []int32
 	messages     []llama.Message
+	// chat only
+	render llama.RenderOptions
+	tools  *toolRequest
 }
 
 // decodeJSON reads one JSON object from r (unknown fields are ignored, as
@@ -129,9 +167,10 @@ func (f *samplingFields) validate(p *genParams) error {
 	if f.MaxCompletionTokens != nil {
 		max = f.MaxCompletionTokens
 	}
+	p.maxTokens = -1
 	if max != nil {
-		if *max < 1 {
-			return errBadRequest("max_tokens", "max_tokens must be at least 1, got %d", *max)
+		if *max < 0 {
+			return errBadRequest("max_tokens", "max_tokens must be at least 1 (0 only with echo), got %d", *max)
 		}
 		p.maxTokens = *max
 	}
@@ -202,11 +241,15 @@ func (f *samplingFields) validate(p *genParams) error {
 		}
 		s.LogitBias[int32(id)] = float32(v)
 	}
-	if f.N != nil && *f.N != 1 {
-		return errBadRequest("n", "only n = 1 is supported, got %d", *f.N)
+	p.n = 1
+	if f.N != nil {
+		if *f.N < 1 || *f.N > maxChoices {
+			return errBadRequest("n", "n must be in [1, %d], got %d", maxChoices, *f.N)
+		}
+		p.n = *f.N
 	}
-	if len(f.Logprobs) > 0 && !isNullOrFalse(f.Logprobs) {
-		return errBadRequest("logprobs", "logprobs are not supported")
+	if err := f.ResponseFormat.compile(p); err != nil {
+		return err
 	}
 	stop, err := parseStop(f.Stop)
 	if err != nil {
@@ -225,6 +268,33 @@ func (f *samplingFields) validate(p *genParams) error {
 		}
 	}
 	p.adapters = f.Adapters
+	return nil
+}
+
+// maxChoices bounds n: choices share the prompt but each holds its own
+// KV blocks and a running slot.
+const maxChoices = 16
+
+func (f *responseFormat) compile(p *genParams) error {
+	if f == nil {
+		return nil
+	}
+	switch f.Type {
+	case "", "text":
+	case "json_object":
+		p.format = constrain.AnyObject()
+	case "json_schema":
+		if f.JSONSchema == nil || len(bytes.TrimSpace(f.JSONSchema.Schema)) == 0 {
+			return errBadRequest("response_format.json_schema.schema", "response_format json_schema needs json_schema.schema")
+		}
+		schema, err := constrain.Compile(f.JSONSchema.Schema)
+		if err != nil {
+			return errBadRequest("response_format.json_schema.schema", "%v", err)
+		}
+		p.format = schema
+	default:
+		return errBadRequest("response_format.type", "response_format type %q is not supported (text, json_object or json_schema)", f.Type)
+	}
 	return nil
 }
 
@@ -265,8 +335,19 @@ func (r *CompletionRequest) params() (*genParams, error) {
 	if err := r.validate(p); err != nil {
 		return nil, err
 	}
-	if r.Echo {
-		return nil, errBadRequest("echo", "echo is not supported")
+	p.echo = r.Echo
+	if t := bytes.TrimSpace(r.Logprobs); len(t) > 0 && string(t) != "null" {
+		var k int
+		if err := json.Unmarshal(t, &k); err != nil || k < 0 || k > 5 {
+			return nil, errBadRequest("logprobs", "logprobs must be an integer in [0, 5] (alternatives per token), got %s", t)
+		}
+		p.logprobs, p.topLogprobs = true, k
+	}
+	if r.TopLogprobs != nil {
+		return nil, errBadRequest("top_logprobs", "top_logprobs is a chat parameter; completions take logprobs: <count>")
+	}
+	if p.maxTokens == 0 && !p.echo {
+		return nil, errBadRequest("max_tokens", "max_tokens must be at least 1 (0 only with echo)")
 	}
 	if r.Suffix != nil && *r.Suffix != "" {
 		return nil, errBadRequest("suffix", "suffix is not supported")
@@ -309,32 +390,93 @@ func (r *ChatRequest) params() (*genParams, error) {
 	if err := r.validate(p); err != nil {
 		return nil, err
 	}
-	if len(r.Tools) > 0 && string(bytes.TrimSpace(r.Tools)) != "null" && string(bytes.TrimSpace(r.Tools)) != "[]" {
-		return nil, errBadRequest("tools", "tools are not supported")
+	if p.maxTokens == 0 {
+		return nil, errBadRequest("max_tokens", "max_tokens must be at least 1")
 	}
-	if r.ResponseFormat != nil && r.ResponseFormat.Type != "" && r.ResponseFormat.Type != "text" {
-		return nil, errBadRequest("response_format", "response_format %q is not supported (only text)", r.ResponseFormat.Type)
+	if t := bytes.TrimSpace(r.Logprobs); len(t) > 0 && string(t) != "null" {
+		var on bool
+		if err := json.Unmarshal(t, &on); err != nil {
+			return nil, errBadRequest("logprobs", "logprobs must be a boolean in chat completions, got %s", t)
+		}
+		p.logprobs = on
+	}
+	if r.TopLogprobs != nil {
+		if *r.TopLogprobs < 0 || *r.TopLogprobs > 20 {
+			return nil, errBadRequest("top_logprobs", "top_logprobs must be in [0, 20], got %d", *r.TopLogprobs)
+		}
+		if !p.logprobs && *r.TopLogprobs > 0 {
+			return nil, errBadRequest("top_logprobs", "top_logprobs requires logprobs: true")
+		}
+		p.topLogprobs = *r.TopLogprobs
 	}
 	if len(r.Messages) == 0 {
 		return nil, errBadRequest("messages", "messages must hold at least one message")
 	}
 	for i, m := range r.Messages {
-		role := m.Role
-		if role == "developer" {
-			role = "system"
-		}
-		switch role {
-		case "system", "user", "assistant":
-		default:
-			return nil, errBadRequest(fmt.Sprintf("messages[%d].role", i), "unsupported role %q (want system, user or assistant)", m.Role)
-		}
-		content, err := messageText(m.Content)
+		msg, err := m.message(i)
 		if err != nil {
-			return nil, errBadRequest(fmt.Sprintf("messages[%d].content", i), "%v", err)
+			return nil, err
 		}
-		p.messages = append(p.messages, llama.Message{Role: role, Content: content})
+		p.messages = append(p.messages, msg)
+	}
+	p.render = llama.RenderOptions{AddGenerationPrompt: true, Extra: r.ChatTemplateKwargs}
+	if r.AddGenerationPrompt != nil {
+		p.render.AddGenerationPrompt = *r.AddGenerationPrompt
+	}
+	tools, err := parseTools(r.Tools, r.ToolChoice)
+	if err != nil {
+		return nil, err
+	}
+	if tools != nil {
+		if r.ParallelToolCalls != nil && !*r.ParallelToolCalls {
+			tools.single = true
+		}
+		p.tools = tools
+		p.render.Tools = tools.raw
+		if tools.forced() && p.format != nil {
+			return nil, errBadRequest("tool_choice", "tool_choice %q and response_format both constrain the output; use one", tools.choice)
+		}
 	}
 	return p, nil
+}
+
+// message validates one chat message.
+func (m chatMessage) message(i int) (llama.Message, error) {
+	field := func(name string) string { return fmt.Sprintf("messages[%d].%s", i, name) }
+	role := m.Role
+	if role == "developer" {
+		role = "system"
+	}
+	content, err := messageText(m.Content)
+	if err != nil {
+		return llama.Message{}, errBadRequest(field("content"), "%v", err)
+	}
+	msg := llama.Message{Role: role, Content: content, Name: m.Name}
+	switch role {
+	case "system", "user":
+	case "assistant":
+		for j, tc := range m.ToolCalls {
+			if tc.Type != "" && tc.Type != "function" {
+				return llama.Message{}, errBadRequest(field(fmt.Sprintf("tool_calls[%d].type", j)), "tool call type %q is not supported (function)", tc.Type)
+			}
+			if tc.Function.Name == "" {
+				return llama.Message{}, errBadRequest(field(fmt.Sprintf("tool_calls[%d].function.name", j)), "a tool call needs a function name")
+			}
+			args := bytes.TrimSpace(tc.Function.Arguments)
+			if len(args) > 0 && !json.Valid(args) {
+				return llama.Message{}, errBadRequest(field(fmt.Sprintf("tool_calls[%d].function.arguments", j)), "arguments must be JSON (an object or a string holding one)")
+			}
+			msg.ToolCalls = append(msg.ToolCalls, llama.ToolCall{ID: tc.ID, Name: tc.Function.Name, Arguments: json.RawMessage(args)})
+		}
+	case "tool":
+		msg.ToolCallID = m.ToolCallID
+	default:
+		return llama.Message{}, errBadRequest(field("role"), "unsupported role %q (want system, developer, user, assistant or tool)", m.Role)
+	}
+	if role != "assistant" && len(m.ToolCalls) > 0 {
+		return llama.Message{}, errBadRequest(field("tool_calls"), "only assistant messages carry tool_calls")
+	}
+	return msg, nil
 }
 
 // messageText accepts a string, null, or an array of text parts.

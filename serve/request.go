@@ -11,6 +11,7 @@ import (
 	"github.com/sbora-serve/sbora-serve/adapters"
 	"github.com/sbora-serve/sbora-serve/kernels"
 	"github.com/sbora-serve/sbora-serve/llama"
+	"github.com/sbora-serve/sbora-serve/llama/constrain"
 )
 
 // adapterUse is a request's resolved adapter: a registration and a scale.
@@ -34,10 +35,22 @@ type request struct {
 	stop       []string
 	stopTokens map[int32]bool // control tokens named as stop strings
 	ignoreEOS  bool           // benchmarks: generate maxTokens whatever the model says
-	arrived    time.Time
-	events     chan event
+	// logprobs is how many alternatives each token's logprob entry lists;
+	// -1: no logprobs. promptLogprobs: the first choice also reports the
+	// prompt's (echo), computed while it prefills.
+	logprobs       int
+	promptLogprobs bool
+	// grammar constrains the output (response_format, forced tool calls);
+	// vocab is the tokens' texts it masks and eos the token ending it.
+	grammar *constrain.Matcher
+	vocab   *constrain.Vocab
+	pieces  [][]byte
+	eos     int32
+	arrived time.Time
+	events  chan event
 
 	// Owned by the scheduler.
+	promptLP []tokenLogprob // by prompt position (promptLogprobs)
 	seqs     []*sequence
 	admitted bool // its first sequence got KV blocks
 	open     int  // sequences not finished
@@ -66,19 +79,21 @@ func (r *request) salt() uint64 {
 type eventKind int
 
 const (
-	evAdmitted eventKind = iota // the request holds KV blocks and its adapters: generation starts
-	evText                      // text of one choice
-	evDone                      // one choice ended (finish or err)
+	evAdmitted       eventKind = iota // the request holds KV blocks and its adapters: generation starts
+	evText                            // text of one choice
+	evDone                            // one choice ended (finish or err)
+	evPromptLogprobs                  // the prompt's token logprobs (echo), once, before any text
 )
 
 // event is what the scheduler tells a handler.
 type event struct {
-	kind   eventKind
-	choice int
-	text   string
-	finish string // stop | length (evDone)
-	err    error  // evDone
-	usage  usage  // evDone: this choice's completion tokens
+	kind     eventKind
+	choice   int
+	text     string
+	logprobs []tokenLogprob // of the tokens whose text this is (evText), or the prompt's
+	finish   string         // stop | length (evDone)
+	err      error          // evDone
+	usage    usage          // evDone: this choice's completion tokens
 }
 
 type usage struct {
@@ -102,6 +117,10 @@ type sequence struct {
 	sampler   *llama.Sampler
 	stream    *llama.TextStream
 	text      strings.Builder // generated text not yet sent
+	logprobs  []tokenLogprob  // entries of tokens not yet sent
+	grammar   *constrain.State
+	mask      *constrain.Mask
+	allowed   []bool
 	generated int
 	admitted  time.Time
 	lastToken time.Time
@@ -113,7 +132,14 @@ func (q *sequence) prompt() []int32 { return q.req.prompt }
 // prefilled reports whether the whole prompt has gone through the model.
 func (q *sequence) prefilled() bool { return q.generated > 0 }
 
+// wantsPromptLogprobs reports whether q computes the prompt's logprobs:
+// the first choice of an echo request, until its prefill is complete. It
+// prefills without the prefix cache (cached positions have no logits).
+func (q *sequence) wantsPromptLogprobs() bool {
+	return q.req.promptLogprobs && q.choice == 0 && !q.prefilled()
+}
+
 // eventCapacity bounds the events one request can produce, so the
 // scheduler never blocks on a slow handler: per choice an admission, one
 // text event per token and the end.
-func eventCapacity(n, maxTokens int) int { return n*(maxTokens+3) + 1 }
+func eventCapacity(n, maxTokens int) int { return n*(maxTokens+3) + 2 }

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/sbora-serve/sbora-serve/adapters"
 	"github.com/sbora-serve/sbora-serve/llama"
+	"github.com/sbora-serve/sbora-serve/llama/constrain"
 )
 
 // Config configures a Server. Sizes left at zero are chosen by the memory
@@ -128,9 +130,15 @@ type Server struct {
 	chat     *llama.ChatTemplate
 	// specialIDs maps the text of every control token to its id.
 	specialIDs map[string]int32
-	handler    http.Handler
-	cancel     context.CancelFunc
-	started    time.Time
+	// pieces are the tokens' texts (nil for control tokens); eos ends a
+	// constrained output; grammar is their trie, built on first use.
+	pieces      [][]byte
+	eos         int32
+	grammarOnce sync.Once
+	grammar     *constrain.Vocab
+	handler     http.Handler
+	cancel      context.CancelFunc
+	started     time.Time
 }
 
 // New plans memory, loads the model, registers every adapter file in the
@@ -201,6 +209,11 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{cfg: cfg, plan: plan, model: m, engine: e, registry: reg, sched: sched, metrics: met, chat: chat, started: time.Now(),
 		specialIDs: map[string]int32{}}
 	v := m.Tokenizer.Vocabulary()
+	s.pieces = llama.TokenPieces(m.Tokenizer)
+	s.eos = -1
+	if len(v.EOS) > 0 {
+		s.eos = v.EOS[0]
+	}
 	for id, t := range v.Types {
 		if t == tokenizer.TOKEN_TYPE_CONTROL && id < len(v.Values) {
 			s.specialIDs[v.Values[id]] = int32(id)
@@ -211,6 +224,12 @@ func New(cfg Config) (*Server, error) {
 	go sched.run(ctx)
 	s.handler = s.routes()
 	return s, nil
+}
+
+// grammarVocab is the vocabulary trie constrained generation masks with.
+func (s *Server) grammarVocab() *constrain.Vocab {
+	s.grammarOnce.Do(func() { s.grammar = constrain.NewVocab(s.pieces) })
+	return s.grammar
 }
 
 // Handler is the server's HTTP API.
@@ -264,6 +283,8 @@ func (s *Server) routes() http.Handler {
 		r.Use(s.auth(s.cfg.APIKey, "API key"))
 		r.Post("/v1/chat/completions", generateHandler[ChatRequest](s, "chat"))
 		r.Post("/v1/completions", generateHandler[CompletionRequest](s, "completions"))
+		r.Post("/tokenize", s.tokenize)
+		r.Post("/detokenize", s.detokenizeHandler)
 		r.Get("/v1/models", s.listModels)
 		r.Get("/v1/models/{name}", s.getModel)
 		r.Get("/v1/adapters", s.listAdapters)

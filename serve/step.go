@@ -3,6 +3,7 @@ package serve
 import (
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"time"
 
@@ -17,6 +18,7 @@ func (s *scheduler) step() {
 	budget := s.cfg.PrefillBudget
 	var seqs []llama.Seq
 	var in []*sequence
+	var starts []int
 	for _, q := range s.running {
 		rest := q.input[q.kv.Len():]
 		n := len(rest)
@@ -27,8 +29,10 @@ func (s *scheduler) step() {
 			}
 			budget -= n
 		}
-		seqs = append(seqs, llama.Seq{KV: q.kv, Tokens: rest[:n], Adapters: q.uses, NoLogits: n < len(rest)})
+		echo := q.wantsPromptLogprobs()
+		seqs = append(seqs, llama.Seq{KV: q.kv, Tokens: rest[:n], Adapters: q.uses, NoLogits: n < len(rest) && !echo, AllLogits: echo})
 		in = append(in, q)
+		starts = append(starts, q.kv.Len())
 	}
 	if len(seqs) == 0 {
 		return
@@ -45,12 +49,18 @@ func (s *scheduler) step() {
 	tokens := 0
 	for i, q := range in {
 		tokens += len(seqs[i].Tokens)
-		if len(logits[i]) > 0 {
-			if q.choice == 0 && !q.prefilled() && q.req.n > 1 {
-				s.fork(q, logits[i][0])
-			}
-			s.sample(q, logits[i][0])
+		rows := logits[i]
+		if seqs[i].AllLogits {
+			s.promptLogprobs(q, starts[i], rows)
 		}
+		if starts[i]+len(seqs[i].Tokens) < len(q.input) {
+			continue // more of the prompt to go
+		}
+		last := rows[len(rows)-1]
+		if q.choice == 0 && !q.prefilled() && q.req.n > 1 {
+			s.fork(q, last)
+		}
+		s.sample(q, last)
 	}
 	s.m.batchSequences.Observe(float64(len(seqs)))
 	s.m.batchTokens.Observe(float64(tokens))
@@ -100,5 +110,25 @@ func (s *scheduler) fork(parent *sequence, logits []float32) {
 		s.waiting = slices.DeleteFunc(s.waiting, func(x *sequence) bool { return x == q })
 		s.startRunning(q)
 		s.sample(q, logits)
+	}
+}
+
+// promptLogprobs records the logprobs of the prompt tokens that rows (the
+// logits of the positions from start on) predict, and sends them all once
+// the prompt is complete.
+func (s *scheduler) promptLogprobs(q *sequence, start int, rows [][]float32) {
+	r := q.req
+	if len(r.promptLP) == 0 {
+		r.promptLP = make([]tokenLogprob, len(r.prompt))
+		r.promptLP[0] = tokenLogprob{token: r.prompt[0], logprob: math.NaN()}
+	}
+	for j, row := range rows {
+		next := start + j + 1
+		if next < len(r.prompt) {
+			r.promptLP[next] = logprobOf(row, r.prompt[next], r.logprobs)
+		}
+	}
+	if start+len(rows) >= len(r.prompt) {
+		r.events <- event{kind: evPromptLogprobs, logprobs: r.promptLP}
 	}
 }

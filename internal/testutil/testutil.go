@@ -2,6 +2,8 @@
 package testutil
 
 import (
+	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -14,9 +16,19 @@ import (
 // models and datasets there exist in CI.
 func Shared(t testing.TB, name string) string {
 	t.Helper()
-	dir, err := os.Getwd()
+	p, err := SharedPath(name)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return p
+}
+
+// SharedPath is Shared for callers without a test (TestMain, once-only
+// setup).
+func SharedPath(name string) (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
 	}
 	for {
 		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
@@ -24,15 +36,15 @@ func Shared(t testing.TB, name string) string {
 		}
 		parent := filepath.Dir(dir)
 		if parent == dir {
-			t.Fatal("testutil: repository root not found")
+			return "", errors.New("testutil: repository root not found")
 		}
 		dir = parent
 	}
 	p := filepath.Join(filepath.Dir(dir), "shared", name)
 	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("testutil: shared asset missing: %v", err)
+		return "", fmt.Errorf("testutil: shared asset missing: %v", err)
 	}
-	return p
+	return p, nil
 }
 
 // Quiet raises the default log level so ggml's and llama.cpp's info lines

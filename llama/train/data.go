@@ -175,6 +175,10 @@ func (t *Tokenizer) finish(toks []int32, from int) *Example {
 	return &Example{Tokens: toks, Loss: loss}
 }
 
+// genPrompt renders conversations as a prompt for the assistant's next
+// turn (the turn boundaries below are found from such renderings).
+var genPrompt = llama.RenderOptions{AddGenerationPrompt: true}
+
 // chatExample renders the conversation and trains on each assistant turn:
 // from where the template starts the turn to where it ends it.
 func (t *Tokenizer) chatExample(msgs []llama.Message) (*Example, error) {
@@ -196,7 +200,7 @@ func (t *Tokenizer) chatExample(msgs []llama.Message) (*Example, error) {
 		return nil, fmt.Errorf("no assistant message to learn")
 	}
 	msgs = msgs[:last+1]
-	full, err := t.Chat.Render(msgs)
+	full, err := t.Chat.Render(msgs, genPrompt)
 	if err != nil {
 		return nil, err
 	}
@@ -205,15 +209,15 @@ func (t *Tokenizer) chatExample(msgs []llama.Message) (*Example, error) {
 	// generation prompt and once by a further user turn: the text shared
 	// with the full rendering ends where the turn's own markup ends.
 	turnEnd := func(i int) (int, error) {
-		genPrompt, err := t.Chat.Render(msgs[:i+1])
+		withPrompt, err := t.Chat.Render(msgs[:i+1], genPrompt)
 		if err != nil {
 			return 0, err
 		}
-		nextUser, err := t.Chat.Render(append(append([]llama.Message(nil), msgs[:i+1]...), llama.Message{Role: "user", Content: "\x00"}))
+		nextUser, err := t.Chat.Render(append(append([]llama.Message(nil), msgs[:i+1]...), llama.Message{Role: "user", Content: "\x00"}), genPrompt)
 		if err != nil {
 			return 0, err
 		}
-		return min(commonPrefixString(full, genPrompt), commonPrefixString(full, nextUser)), nil
+		return min(commonPrefixString(full, withPrompt), commonPrefixString(full, nextUser)), nil
 	}
 	end, err := turnEnd(last)
 	if err != nil {
@@ -229,7 +233,7 @@ func (t *Tokenizer) chatExample(msgs []llama.Message) (*Example, error) {
 		if m.Role != "assistant" {
 			continue
 		}
-		start, err := t.Chat.Render(msgs[:i])
+		start, err := t.Chat.Render(msgs[:i], genPrompt)
 		if err != nil {
 			return nil, err
 		}
