@@ -245,6 +245,10 @@ func OpenReader(path string) (*Reader, error) {
 	if err != nil {
 		return nil, err
 	}
+	return newReader(f, path)
+}
+
+func newReader(f *gguf.File, path string) (*Reader, error) {
 	a, err := describe(f)
 	if err == nil {
 		err = a.validatePartial()

@@ -9,7 +9,10 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/sbora-serve/sbora-serve/internal/gguf"
 )
 
 // Entry is a registered adapter: a name bound to a validated file. Only the
@@ -26,6 +29,50 @@ type Entry struct {
 	// Gen distinguishes registrations of the same name: re-registering
 	// creates a new generation, and requests keep the one they started with.
 	Gen uint64
+	// Stamp is the version of the file that was validated (Sync compares
+	// it with the directory's).
+	Stamp FileStamp
+
+	// file stays open while anything uses this registration, so that the
+	// version registered is the one loaded even after the file is
+	// replaced or deleted (by this process, another replica or by hand).
+	// refs counts the registry's hold and every Acquire.
+	file *os.File
+	refs atomic.Int32
+}
+
+// Acquire takes a hold on the registration's file; false when it has
+// been released for good (the adapter was removed meanwhile).
+func (e *Entry) Acquire() bool {
+	for {
+		n := e.refs.Load()
+		if n <= 0 {
+			return false
+		}
+		if e.refs.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// Release drops a hold; the last one closes the file.
+func (e *Entry) Release() {
+	if e.refs.Add(-1) == 0 && e.file != nil {
+		e.file.Close()
+	}
+}
+
+// OpenReader streams the registered version of the adapter (the caller
+// holds the entry, see Acquire).
+func (e *Entry) OpenReader() (*Reader, error) {
+	if e.file == nil {
+		return OpenReader(e.Path)
+	}
+	f, err := gguf.Read(e.file, e.Stamp.Size)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", e.Path, err)
+	}
+	return newReader(f, e.Path)
 }
 
 // Key identifies one registration.
@@ -47,6 +94,7 @@ type Registry struct {
 	maxRank  int
 	entries  map[string]*Entry
 	gen      uint64
+	failed   map[string]FileStamp // files Sync could not register, by name
 }
 
 // RegistryOptions configure a Registry.
@@ -81,7 +129,7 @@ func NewRegistry(dir string, base *Base, opts RegistryOptions) (*Registry, error
 	if abs, err = filepath.EvalSymlinks(abs); err != nil {
 		return nil, err
 	}
-	r := &Registry{dir: abs, base: base, reserved: map[string]bool{}, maxRank: opts.MaxRank, entries: map[string]*Entry{}}
+	r := &Registry{dir: abs, base: base, reserved: map[string]bool{}, maxRank: opts.MaxRank, entries: map[string]*Entry{}, failed: map[string]FileStamp{}}
 	for _, n := range opts.Reserved {
 		r.reserved[n] = true
 	}
@@ -141,9 +189,44 @@ func (r *Registry) Register(name, path string, replace bool) (*Entry, error) {
 	if err := r.CheckName(name); err != nil {
 		return nil, err
 	}
-	a, err := Load(path)
+	fh, err := os.Open(path)
 	if err != nil {
 		return nil, err
+	}
+	e, err := r.validate(name, path, fh)
+	if err != nil {
+		fh.Close()
+		return nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	old, ok := r.entries[name]
+	if ok && !replace {
+		fh.Close()
+		return nil, fmt.Errorf("%w: %q", ErrExists, name)
+	}
+	r.gen++
+	e.Gen = r.gen
+	r.entries[name] = e
+	if ok {
+		old.Release()
+	}
+	return e, nil
+}
+
+// validate reads and checks the adapter in fh (open, at path).
+func (r *Registry) validate(name, path string, fh *os.File) (*Entry, error) {
+	fi, err := fh.Stat()
+	if err != nil {
+		return nil, err
+	}
+	f, err := gguf.Read(fh, fi.Size())
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	a, err := decode(f)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	if err := a.Resolve(r.base); err != nil {
 		return nil, err
@@ -152,15 +235,8 @@ func (r *Registry) Register(name, path string, replace bool) (*Entry, error) {
 		return nil, err
 	}
 	e := &Entry{Name: name, Path: path, Variant: a.Variant, Rank: a.Rank, Alpha: a.Alpha, Targets: a.Targets(),
-		Bytes: a.Bytes(), Created: time.Now()}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if _, ok := r.entries[name]; ok && !replace {
-		return nil, fmt.Errorf("%w: %q", ErrExists, name)
-	}
-	r.gen++
-	e.Gen = r.gen
-	r.entries[name] = e
+		Bytes: a.Bytes(), Created: time.Now(), Stamp: stampOf(fi), file: fh}
+	e.refs.Store(1)
 	return e, nil
 }
 
@@ -181,6 +257,7 @@ func (r *Registry) Remove(name string) (*Entry, error) {
 		return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
 	}
 	delete(r.entries, name)
+	e.Release()
 	return e, nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"os"
 	"path/filepath"
 
 	"github.com/go-chi/chi/v5"
@@ -122,14 +123,19 @@ func (s *Server) register(name, path string, upload []byte, replace bool) (*adap
 	if err := s.registry.CheckName(name); err != nil {
 		return nil, err
 	}
+	if upload != nil {
+		// Validate before taking the lock: it reads the whole upload.
+		if err := validateUpload(upload, s.model.AdapterBase, s.registry); err != nil {
+			return nil, err
+		}
+	}
+	s.adminMu.Lock()
+	defer s.adminMu.Unlock()
 	old, existed := s.registry.Get(name)
 	if existed && !replace {
 		return nil, fmt.Errorf("%w: %q (pass replace to swap it)", adapters.ErrExists, name)
 	}
 	if upload != nil {
-		if err := validateUpload(upload, s.model.AdapterBase, s.registry); err != nil {
-			return nil, err
-		}
 		// Not a symlink target: the name is validated, so this stays inside.
 		path = filepath.Join(s.registry.Dir(), name+".gguf")
 		if err := gguf.WriteFileAtomic(path, func(w io.Writer) error {
@@ -159,13 +165,35 @@ func (s *Server) register(name, path string, upload []byte, replace bool) (*adap
 }
 
 func (s *Server) deleteAdapter(w http.ResponseWriter, r *http.Request) {
-	e, err := s.registry.Remove(urlParam(r, "name"))
+	e, err := s.unregister(urlParam(r, "name"))
 	if err != nil {
 		writeError(w, err)
 		return
 	}
-	s.sched.drop(e.Key())
 	writeJSON(w, http.StatusOK, map[string]any{"id": e.Name, "object": "adapter", "deleted": true})
+}
+
+// unregister removes an adapter. Its file goes too when it is the name's
+// own file in the directory (<name>.gguf), so that the removal reaches
+// every replica sharing the directory and survives a restart; an adapter
+// registered from another path leaves that file alone.
+func (s *Server) unregister(name string) (*adapters.Entry, error) {
+	s.adminMu.Lock()
+	defer s.adminMu.Unlock()
+	e, ok := s.registry.Get(name)
+	if !ok {
+		return nil, fmt.Errorf("%w: %q", adapters.ErrNotFound, name)
+	}
+	// The file first: otherwise a directory sync in between would see the
+	// file without its registration and register it again.
+	if e.Path == s.registry.CanonicalPath(e.Name) {
+		if err := os.Remove(e.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("removing %s: %w", filepath.Base(e.Path), err)
+		}
+	}
+	s.registry.RemoveEntry(e)
+	s.sched.drop(e.Key())
+	return e, nil
 }
 
 // vllmLoad is vLLM's POST /v1/load_lora_adapter {"lora_name", "lora_path"}
@@ -199,12 +227,11 @@ func (s *Server) vllmUnload(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	e, err := s.registry.Remove(body.Name)
+	e, err := s.unregister(body.Name)
 	if err != nil {
 		writeError(w, err)
 		return
 	}
-	s.sched.drop(e.Key())
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	fmt.Fprintf(w, "Success: LoRA adapter '%s' removed successfully.", e.Name)
 }

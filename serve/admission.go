@@ -222,6 +222,7 @@ func (s *scheduler) finish(q *sequence, reason string, err error) {
 	r.events <- event{kind: evDone, choice: q.choice, finish: reason, err: err, usage: u}
 	r.open--
 	if r.open == 0 {
+		releaseUses(r.adapters)
 		if !r.admitted {
 			s.queued.Add(-1)
 		}

@@ -144,6 +144,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, p *genParams, 
 	}
 	prep, err := s.prepare(p)
 	if err != nil {
+		releaseUses(uses)
 		writeError(w, err)
 		return
 	}
@@ -162,7 +163,9 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, p *genParams, 
 	if prep.grammar != nil {
 		req.grammar, req.vocab, req.pieces, req.eos = prep.grammar, s.grammarVocab(), s.pieces, s.eos
 	}
+	// From here the scheduler releases the adapters when the request ends.
 	if err := s.sched.submit(req); err != nil {
+		releaseUses(uses)
 		s.metrics.requests.WithLabelValues(label, endpoint, "rejected").Inc()
 		writeError(w, err)
 		return

@@ -48,16 +48,23 @@ func generateHandler[R any, P interface {
 }
 
 // resolveAdapters maps the model field and the adapters extension to
-// registrations: the base model's name selects no adapter.
-func (s *Server) resolveAdapters(p *genParams) ([]adapterUse, error) {
-	var uses []adapterUse
+// registrations: the base model's name selects no adapter. Each is held
+// (its file version pinned) until releaseUses.
+func (s *Server) resolveAdapters(p *genParams) (uses []adapterUse, err error) {
+	defer func() {
+		if err != nil {
+			releaseUses(uses)
+			uses = nil
+		}
+	}()
 	add := func(name string, scale float32, param string) error {
 		e, ok := s.registry.Get(name)
-		if !ok {
+		if !ok || !e.Acquire() { // removed meanwhile: as if never there
 			return errNotFound("model_not_found", "the model %q does not exist: it is neither the base model %q nor a registered adapter", name, s.cfg.ModelName)
 		}
 		for _, u := range uses {
 			if u.entry.Name == name {
+				e.Release()
 				return errBadRequest(param, "adapter %q is listed twice", name)
 			}
 		}
@@ -66,7 +73,7 @@ func (s *Server) resolveAdapters(p *genParams) ([]adapterUse, error) {
 	}
 	if p.model != s.cfg.ModelName {
 		if err := add(p.model, 1, "model"); err != nil {
-			return nil, err
+			return uses, err
 		}
 	}
 	for i, a := range p.adapters {
@@ -75,16 +82,23 @@ func (s *Server) resolveAdapters(p *genParams) ([]adapterUse, error) {
 			scale = float32(*a.Scale)
 		}
 		if err := add(a.Name, scale, fmt.Sprintf("adapters[%d]", i)); err != nil {
-			return nil, err
+			return uses, err
 		}
 	}
 	if len(uses) > 4 {
-		return nil, errBadRequest("adapters", "at most 4 adapters compose (model plus adapters), got %d", len(uses))
+		return uses, errBadRequest("adapters", "at most 4 adapters compose (model plus adapters), got %d", len(uses))
 	}
 	if len(uses) > s.cfg.MaxResident {
-		return nil, errBadRequest("adapters", "the request needs %d adapters at once but the server keeps at most %d resident", len(uses), s.cfg.MaxResident)
+		return uses, errBadRequest("adapters", "the request needs %d adapters at once but the server keeps at most %d resident", len(uses), s.cfg.MaxResident)
 	}
 	return uses, nil
+}
+
+// releaseUses drops a request's holds on its registrations.
+func releaseUses(uses []adapterUse) {
+	for _, u := range uses {
+		u.entry.Release()
+	}
 }
 
 // metricLabel is the adapter label of a request's metrics: the model name

@@ -32,6 +32,7 @@ func (s *scheduler) startLoad(q *sequence, e *adapters.Entry) error {
 	for {
 		r, err := bank.Reserve(e.Name, e.Variant, e.Rank)
 		if err == nil {
+			e.Acquire() // q holds e, so this succeeds; the upload releases it
 			s.res.Loading(k, r)
 			s.loading[k] = true
 			s.m.adapterEvictions.Add(float64(s.res.Evictions))
@@ -54,8 +55,9 @@ func (s *scheduler) startLoad(q *sequence, e *adapters.Entry) error {
 // while the engine steps (steps never read slots that are not active).
 func (s *scheduler) upload(k adapters.Key, e *adapters.Entry, r *kernels.Resident, started time.Time) {
 	begin := time.Now()
+	defer e.Release()
 	err := func() error {
-		rd, err := adapters.OpenReader(e.Path)
+		rd, err := e.OpenReader()
 		if err != nil {
 			return err
 		}

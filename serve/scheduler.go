@@ -59,7 +59,12 @@ type scheduler struct {
 
 // schedStats is a snapshot for the metrics scrape.
 type schedStats struct {
-	running, waiting         int
+	at                       time.Time
+	running, waiting         int // sequences
+	runningRequests          int // requests with a running sequence
+	waitingRequests          int // requests in the queue with none running
+	notAdmitted              int // of those, never admitted (still counted in queued)
+	heldBlocks               int
 	runningLoRA, waitingLoRA []string
 }
 
@@ -267,7 +272,21 @@ func (s *scheduler) updateGauges() {
 		snap[k] = true
 	}
 	s.resident.Store(&snap)
-	stats := &schedStats{running: len(s.running), waiting: len(s.waiting)}
+	stats := &schedStats{at: time.Now(), running: len(s.running), waiting: len(s.waiting), heldBlocks: p.HeldBlocks()}
+	runningReqs := map[*request]bool{}
+	for _, q := range s.running {
+		runningReqs[q.req] = true
+	}
+	waitingReqs := map[*request]bool{}
+	for _, q := range s.waiting {
+		if !runningReqs[q.req] && !waitingReqs[q.req] {
+			waitingReqs[q.req] = true
+			if !q.req.admitted {
+				stats.notAdmitted++
+			}
+		}
+	}
+	stats.runningRequests, stats.waitingRequests = len(runningReqs), len(waitingReqs)
 	stats.runningLoRA = adapterNames(s.running)
 	stats.waitingLoRA = adapterNames(s.waiting)
 	s.stats.Store(stats)

@@ -77,6 +77,10 @@ type Config struct {
 	// BodyTimeout is how long a client may take to send an inference
 	// request body (uploads get ten times as long).
 	BodyTimeout time.Duration
+	// AdapterRescan is how often the adapter directory is rescanned for
+	// files other replicas or operators added, replaced or removed (file
+	// events trigger a scan sooner); negative turns following it off.
+	AdapterRescan time.Duration
 }
 
 func (c *Config) defaults() {
@@ -104,6 +108,9 @@ func (c *Config) defaults() {
 	if c.BodyTimeout <= 0 {
 		c.BodyTimeout = 30 * time.Second
 	}
+	if c.AdapterRescan == 0 {
+		c.AdapterRescan = 2 * time.Second
+	}
 }
 
 func parseBankType(s string) (ml.DType, error) {
@@ -116,6 +123,25 @@ func parseBankType(s string) (ml.DType, error) {
 		return ml.DTypeQ80, nil
 	}
 	return 0, fmt.Errorf("--bank-type %q: want f16, f32 or q8_0", s)
+}
+
+// PlanMemory is the memory plan New uses for cfg when avail bytes are
+// available (source says where that figure comes from): what the server
+// will hold, for sizing its container.
+func PlanMemory(cfg Config, avail int64, source string) (*llama.MemoryPlan, error) {
+	cfg.defaults()
+	bankType, err := parseBankType(cfg.BankType)
+	if err != nil {
+		return nil, err
+	}
+	info, err := llama.ReadInfo(cfg.ModelPath)
+	if err != nil {
+		return nil, err
+	}
+	return llama.Plan(info, llama.PlanRequest{
+		Budget: int64(cfg.MemoryFraction * float64(avail)), BudgetSource: fmt.Sprintf("%.0f%% of %s", 100*cfg.MemoryFraction, source),
+		MaxSeqLen: cfg.ContextLength, Parallel: cfg.Parallel, KVTokens: cfg.KVTokens, MaxResident: cfg.MaxResident,
+		MaxRank: cfg.MaxRank, PrefillBudget: cfg.PrefillBudget, CacheF32: cfg.CacheF32, BankType: bankType})
 }
 
 // Server is a running model with its adapters and HTTP API.
@@ -136,9 +162,12 @@ type Server struct {
 	eos         int32
 	grammarOnce sync.Once
 	grammar     *constrain.Vocab
-	handler     http.Handler
-	cancel      context.CancelFunc
-	started     time.Time
+	// adminMu orders registry changes (admin API, directory sync) so that
+	// each replaced generation is dropped exactly once.
+	adminMu sync.Mutex
+	handler http.Handler
+	cancel  context.CancelFunc
+	started time.Time
 }
 
 // New plans memory, loads the model, registers every adapter file in the
@@ -148,22 +177,11 @@ func New(cfg Config) (*Server, error) {
 	if cfg.AdapterDir == "" {
 		return nil, errors.New("an adapter directory is required")
 	}
-	bankType, err := parseBankType(cfg.BankType)
-	if err != nil {
-		return nil, err
-	}
-	info, err := llama.ReadInfo(cfg.ModelPath)
-	if err != nil {
-		return nil, err
-	}
 	avail, source, err := llama.AvailableMemory()
 	if err != nil {
 		return nil, err
 	}
-	plan, err := llama.Plan(info, llama.PlanRequest{
-		Budget: int64(cfg.MemoryFraction * float64(avail)), BudgetSource: fmt.Sprintf("%.0f%% of %s", 100*cfg.MemoryFraction, source),
-		MaxSeqLen: cfg.ContextLength, Parallel: cfg.Parallel, KVTokens: cfg.KVTokens, MaxResident: cfg.MaxResident,
-		MaxRank: cfg.MaxRank, PrefillBudget: cfg.PrefillBudget, CacheF32: cfg.CacheF32, BankType: bankType})
+	plan, err := PlanMemory(cfg, avail, source)
 	if err != nil {
 		return nil, err
 	}
@@ -221,7 +239,15 @@ func New(cfg Config) (*Server, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
+	cacheType := "f16"
+	if cfg.CacheF32 {
+		cacheType = "f32"
+	}
+	met.reg.MustRegister(newVLLMCollector(sched, cfg.ModelName, cfg.MaxResident, cacheType))
 	go sched.run(ctx)
+	if cfg.AdapterRescan > 0 {
+		go s.watchAdapters(ctx, cfg.AdapterRescan)
+	}
 	s.handler = s.routes()
 	return s, nil
 }

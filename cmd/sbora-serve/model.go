@@ -5,15 +5,19 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/sbora-serve/sbora-serve/internal/gguf"
+	"github.com/sbora-serve/sbora-serve/llama"
 	"github.com/sbora-serve/sbora-serve/llama/modelfile"
+	"github.com/sbora-serve/sbora-serve/serve"
 )
 
 func runModel(args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: sbora-serve model random|quantize|info [flags]")
+		return errors.New("usage: sbora-serve model random|quantize|info|plan [flags]")
 	}
 	switch args[0] {
 	case "random":
@@ -22,8 +26,10 @@ func runModel(args []string) error {
 		return runModelQuantize(args[1:])
 	case "info":
 		return runModelInfo(args[1:])
+	case "plan":
+		return runModelPlan(args[1:])
 	}
-	return fmt.Errorf("unknown model command %q (want random, quantize or info)", args[0])
+	return fmt.Errorf("unknown model command %q (want random, quantize, info or plan)", args[0])
 }
 
 func runModelRandom(args []string) error {
@@ -115,4 +121,63 @@ func runModelInfo(args []string) error {
 		f.Close()
 	}
 	return nil
+}
+
+// runModelPlan prints the memory plan serve would use for a model and a
+// memory size (a container's limit), with the matching Kubernetes
+// resources: how to size a pod without starting one.
+func runModelPlan(args []string) error {
+	fs := flag.NewFlagSet("model plan", flag.ContinueOnError)
+	var cfg serve.Config
+	serveFlags(fs, &cfg)
+	memory := fs.String("memory", "", "memory the server gets (the container's limit), e.g. 24Gi; default: this machine's available memory")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if cfg.ModelPath == "" {
+		return errors.New("--model is required")
+	}
+	avail, source, err := llama.AvailableMemory()
+	if err != nil {
+		return err
+	}
+	if *memory != "" {
+		if avail, err = parseBytes(*memory); err != nil {
+			return fmt.Errorf("--memory: %w", err)
+		}
+		source = *memory + " (--memory)"
+	}
+	plan, err := serve.PlanMemory(cfg, avail, source)
+	if err != nil {
+		return err
+	}
+	fmt.Println(plan)
+	limit := fmt.Sprintf("%dMi", (avail+(1<<20)-1)>>20)
+	if *memory != "" {
+		limit = *memory
+	}
+	fmt.Printf("kubernetes: resources: {requests: {memory: %s}, limits: {memory: %s}}  # the plan uses %.0f%% of it; the rest is headroom\n",
+		limit, limit, 100*float64(plan.Total())/float64(avail))
+	return nil
+}
+
+// parseBytes reads a size: a number with an optional K, M, G or T suffix,
+// binary (Ki, KiB, ...) or decimal (K, KB, ...), as Kubernetes writes them.
+func parseBytes(s string) (int64, error) {
+	t := strings.TrimSuffix(strings.TrimSpace(s), "B")
+	mult := int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"Ti", 1 << 40}, {"K", 1e3}, {"k", 1e3}, {"M", 1e6}, {"G", 1e9}, {"T", 1e12}} {
+		if rest, ok := strings.CutSuffix(t, u.suffix); ok {
+			t, mult = rest, u.mult
+			break
+		}
+	}
+	v, err := strconv.ParseFloat(t, 64)
+	if err != nil || v <= 0 || v*float64(mult) > 1<<62 {
+		return 0, fmt.Errorf("%q is not a size (e.g. 24Gi)", s)
+	}
+	return int64(v * float64(mult)), nil
 }

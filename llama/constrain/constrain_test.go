@@ -376,3 +376,30 @@ func BenchmarkMask(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkAcceptToken measures the cheap path of constrained sampling:
+// checking that the sampled token is allowed and advancing past it (the
+// full mask is computed only when the check fails).
+func BenchmarkAcceptToken(b *testing.B) {
+	tok, err := llama.LoadTokenizer(testutil.Shared(b, "models/ggml-vocab-llama-bpe.gguf"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	s, _ := Compile(json.RawMessage(schemas["bounded"]))
+	m := NewMatcher(s, "", "")
+	doc := `{"name": "Ada Lovelace", "age": 36, "score": -10, "tags": ["math", "poet"], "nick": "Ada"}`
+	ids, _ := tok.Encode(doc, false)
+	pieces := llama.TokenPieces(tok)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		st := m.Start()
+		for _, id := range ids {
+			next, ok := m.Advance(st, pieces[id])
+			if !ok {
+				b.Fatalf("token %q refused", pieces[id])
+			}
+			st = next
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(ids)), "ns/token")
+}
