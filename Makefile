@@ -23,12 +23,31 @@ PKGS := ./...
 MODEL ?= $(CURDIR)/../shared/models/stories260K.gguf
 PROMPT ?= Once upon a time
 
-.PHONY: all build run generate testdeps test vet fmt-check bench bench-decode clean
+.PHONY: all build cuda gpu-bundle run generate testdeps test vet fmt-check bench bench-decode clean
 
 all: build
 
 build:
 	$(GO) build -o bin/sbora-serve ./cmd/sbora-serve
+
+# ggml's CUDA backend, built from the pinned module's source into lib/ollama
+# (next to bin/, where the binary looks). Needs nvcc and cmake, not a GPU.
+# CUDA_ARCHITECTURES: 90 = H100/H200; e.g. "80;86;89;90" for several.
+CUDA_ARCHITECTURES ?= 90
+CUDA_BUILD ?= build/cuda
+CUDA_JOBS ?= $(shell nproc)
+cuda:
+	cmake -S deploy/cuda -B $(CUDA_BUILD) $(if $(shell command -v ninja),-G Ninja) \
+		-DGGML_SRC=$(OLLAMA_DIR)/ml/backend/ggml/ggml -DCMAKE_CUDA_ARCHITECTURES="$(CUDA_ARCHITECTURES)"
+	cmake --build $(CUDA_BUILD) --target ggml-cuda -j $(CUDA_JOBS)
+	mkdir -p lib/ollama
+	cp -P $(CUDA_BUILD)/lib/ollama/libggml-base.so* $(CUDA_BUILD)/lib/ollama/libggml-cuda.so lib/ollama/
+
+# What deploy/gpu-check.sh needs on a GPU machine without Go: the binary
+# and ggml's source (about 28 MiB together).
+gpu-bundle: build
+	rm -rf build/ggml-src && mkdir -p build
+	cp -r $(OLLAMA_DIR)/ml/backend/ggml/ggml build/ggml-src && chmod -R u+w build/ggml-src
 
 # The main job: the server on the default model with two demo adapters.
 run: build
@@ -67,4 +86,4 @@ bench-decode:
 	$(GO) run ./bench/decode --synthetic 7b --layers 2 --tokens 32
 
 clean:
-	rm -rf bin
+	rm -rf bin lib build

@@ -260,3 +260,20 @@ func itoa(n int32) string {
 		}
 	}
 }
+
+// TestGPUCheckScript: the GPU check script parses, and what it builds from
+// is in the repository.
+func TestGPUCheckScript(t *testing.T) {
+	if out, err := exec.Command("bash", "-n", "gpu-check.sh").CombinedOutput(); err != nil {
+		t.Fatalf("gpu-check.sh: %v %s", err, out)
+	}
+	script, _ := os.ReadFile("gpu-check.sh")
+	for _, want := range []string{"check --model", "--target ggml-cuda", "model random --preset 7b --layers 2"} {
+		if !bytes.Contains(script, []byte(want)) {
+			t.Errorf("gpu-check.sh lacks %q", want)
+		}
+	}
+	if _, err := os.Stat("cuda/CMakeLists.txt"); err != nil {
+		t.Error(err)
+	}
+}

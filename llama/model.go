@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"runtime"
+	"strings"
 	"sync"
 
 	"github.com/ollama/ollama/fs"
@@ -40,6 +42,8 @@ type Model struct {
 	Path string
 	// Threads is the CPU thread count of the backend.
 	Threads int
+	// Placement is where the layers run (CPU, or some on a GPU).
+	Placement Placement
 	// repacked holds the weights moved to ggml-cpu's repacked layouts.
 	repacked *ggmlx.Repacked
 	threads  *ggmlx.Threadpool
@@ -108,6 +112,53 @@ type LoadOptions struct {
 	// HugePages backs the weights with transparent huge pages (fewer TLB
 	// misses on the matrices read every step).
 	HugePages bool
+	// GPULayers is how many transformer layers go to the GPU, counted from
+	// the last (with their KV cache and adapter bank slots); the output
+	// head goes too when all do. AllLayers (-1) offloads everything; 0
+	// keeps the model on the CPU. Without a GPU the model runs on the CPU
+	// and Load logs why.
+	GPULayers int
+}
+
+// AllLayers offloads every layer (LoadOptions.GPULayers).
+const AllLayers = -1
+
+// Placement is where a model's layers run.
+type Placement struct {
+	GPU       *ggmlx.GPU // nil: CPU only
+	GPULayers int        // transformer layers on the GPU
+	Output    bool       // the output head is on the GPU
+}
+
+func (p Placement) String() string {
+	if p.GPU == nil {
+		return "CPU"
+	}
+	head := ""
+	if p.Output {
+		head = " and the output head"
+	}
+	return fmt.Sprintf("%s (%s, %.0f GiB free): %d layers%s", p.GPU.Description, p.GPU.ID.Library, float64(p.GPU.FreeMemory)/(1<<30), p.GPULayers, head)
+}
+
+// place decides which layers go to the first GPU.
+func place(layers, want int, gpus []ggmlx.GPU) (Placement, ml.GPULayersList) {
+	if want == 0 || len(gpus) == 0 {
+		return Placement{}, nil
+	}
+	if want < 0 || want > layers {
+		want = layers
+	}
+	g := gpus[0]
+	var ids []int
+	for i := layers - want; i < layers; i++ {
+		ids = append(ids, i)
+	}
+	pl := Placement{GPU: &g, GPULayers: want, Output: want == layers}
+	if pl.Output {
+		ids = append(ids, layers) // ollama's index of the output head
+	}
+	return pl, ml.GPULayersList{{DeviceID: g.ID, Layers: ids}}
 }
 
 // ServingOptions are the load options of inference: repacked weights,
@@ -137,7 +188,16 @@ func Load(path string, opts LoadOptions) (*Model, error) {
 	if threads <= 0 {
 		threads = runtime.NumCPU()
 	}
-	mm, err := newModel(path, ml.BackendParams{AllocMemory: true, NumThreads: threads, FlashAttention: ml.FlashAttentionEnabled})
+	var gpus []ggmlx.GPU
+	if opts.GPULayers != 0 {
+		gpus = ggmlx.GPUs()
+		if len(gpus) == 0 {
+			slog.Warn("no GPU found: running on the CPU", "looked_in", strings.Join(ggmlx.LibraryPaths(), ":"),
+				"hint", "build the CUDA backend with make cuda (lib/ollama next to bin/) or set OLLAMA_LIBRARY_PATH; --gpu-layers 0 silences this")
+		}
+	}
+	placement, gpuLayers := place(base.Layers, opts.GPULayers, gpus)
+	mm, err := newModel(path, ml.BackendParams{AllocMemory: true, NumThreads: threads, FlashAttention: ml.FlashAttentionEnabled, GPULayers: gpuLayers})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
@@ -156,6 +216,7 @@ func Load(path string, opts LoadOptions) (*Model, error) {
 	m.Path = path
 	m.Threads = threads
 	m.AdapterBase = base
+	m.Placement = placement
 	if opts.HugePages {
 		ggmlx.HugePages(m.matmulWeights())
 	}
@@ -262,38 +323,72 @@ func (m *Model) rope(ctx ml.Context, x, positions, factors ml.Tensor) ml.Tensor 
 // output norm: [embedding, len(outputs)]. It is the one LLaMA forward pass:
 // the engine feeds it cached attention, the trainer full-sequence attention.
 func (m *Model) Transformer(ctx ml.Context, tokens, positions, outputs ml.Tensor, att Attender, p Projector) ml.Tensor {
-	c := m.Params
 	hidden := m.TokenEmbedding.Forward(ctx, tokens)
-	T := tokens.Dim(0)
 	for i := range m.Layers {
-		l := &m.Layers[i]
-		residual := hidden
-		x := l.AttentionNorm.Forward(ctx, hidden, c.Eps)
-		q := m.project(ctx, p, l.Attention.Query, adapters.Target{Layer: i, Module: adapters.Q}, x)
-		k := m.project(ctx, p, l.Attention.Key, adapters.Target{Layer: i, Module: adapters.K}, x)
-		v := m.project(ctx, p, l.Attention.Value, adapters.Target{Layer: i, Module: adapters.V}, x)
-		q = m.rope(ctx, q.Reshape(ctx, c.HeadDim, c.Heads, T), positions, l.Attention.RopeFactors)
-		k = m.rope(ctx, k.Reshape(ctx, c.HeadDim, c.KVHeads, T), positions, l.Attention.RopeFactors)
-		v = v.Reshape(ctx, c.HeadDim, c.KVHeads, T)
-		a := att.Attend(ctx, i, q, k, v)
-		hidden = m.project(ctx, p, l.Attention.Output, adapters.Target{Layer: i, Module: adapters.O}, a)
-		if i == len(m.Layers)-1 && outputs != nil {
-			// Only the requested rows need the last MLP and the output head.
-			hidden = hidden.Rows(ctx, outputs)
-			residual = residual.Rows(ctx, outputs)
-			if p != nil {
-				p = p.Select(ctx, outputs)
-			}
+		var rows ml.Tensor
+		if i == len(m.Layers)-1 {
+			rows = outputs
 		}
-		hidden = hidden.Add(ctx, residual)
-		residual = hidden
-		x = l.MLPNorm.Forward(ctx, hidden, c.Eps)
-		gate := m.project(ctx, p, l.MLP.Gate, adapters.Target{Layer: i, Module: adapters.Gate}, x)
-		up := m.project(ctx, p, l.MLP.Up, adapters.Target{Layer: i, Module: adapters.Up}, x)
-		hidden = m.project(ctx, p, l.MLP.Down, adapters.Target{Layer: i, Module: adapters.Down}, gate.SILU(ctx, up))
-		hidden = hidden.Add(ctx, residual)
+		hidden = m.Layer(ctx, i, hidden, positions, rows, att, p, LayerOptions{})
 	}
 	return hidden
+}
+
+// LayerOptions vary how Layer computes.
+type LayerOptions struct {
+	// Dequantize multiplies by F32 copies of the weights made in the
+	// graph instead of the stored (quantized) ones: every backend can
+	// differentiate through that (CUDA's OUT_PROD takes F32 only), at the
+	// memory cost of one layer's weights in F32 while the graph runs.
+	Dequantize bool
+}
+
+// Layer is transformer block i over hidden [embedding, T]; with outputs
+// only those rows leave it (the last layer, before the head).
+func (m *Model) Layer(ctx ml.Context, i int, hidden, positions, outputs ml.Tensor, att Attender, p Projector, o LayerOptions) ml.Tensor {
+	c := m.Params
+	T := hidden.Dim(1)
+	l := &m.Layers[i]
+	project := func(lin *nn.Linear, mod adapters.Module, x ml.Tensor) ml.Tensor {
+		t := adapters.Target{Layer: i, Module: mod}
+		if !o.Dequantize {
+			return m.project(ctx, p, lin, t, x)
+		}
+		w := lin.Weight
+		if w.DType() != ml.DTypeF32 {
+			w = w.Cast(ctx, ml.DTypeF32)
+		}
+		h := w.Mulmat(ctx, x)
+		if p != nil {
+			h = p.Project(ctx, t, x, h)
+		}
+		return h
+	}
+	residual := hidden
+	x := l.AttentionNorm.Forward(ctx, hidden, c.Eps)
+	q := project(l.Attention.Query, adapters.Q, x)
+	k := project(l.Attention.Key, adapters.K, x)
+	v := project(l.Attention.Value, adapters.V, x)
+	q = m.rope(ctx, q.Reshape(ctx, c.HeadDim, c.Heads, T), positions, l.Attention.RopeFactors)
+	k = m.rope(ctx, k.Reshape(ctx, c.HeadDim, c.KVHeads, T), positions, l.Attention.RopeFactors)
+	v = v.Reshape(ctx, c.HeadDim, c.KVHeads, T)
+	a := att.Attend(ctx, i, q, k, v)
+	hidden = project(l.Attention.Output, adapters.O, a)
+	if outputs != nil {
+		// Only the requested rows need the MLP and the output head.
+		hidden = hidden.Rows(ctx, outputs)
+		residual = residual.Rows(ctx, outputs)
+		if p != nil {
+			p = p.Select(ctx, outputs)
+		}
+	}
+	hidden = hidden.Add(ctx, residual)
+	residual = hidden
+	x = l.MLPNorm.Forward(ctx, hidden, c.Eps)
+	gate := project(l.MLP.Gate, adapters.Gate, x)
+	up := project(l.MLP.Up, adapters.Up, x)
+	hidden = project(l.MLP.Down, adapters.Down, gate.SILU(ctx, up))
+	return hidden.Add(ctx, residual)
 }
 
 // Logits applies the output norm and head: [vocab, rows].

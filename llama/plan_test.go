@@ -1,12 +1,14 @@
 package llama
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/ollama/ollama/ml"
 
 	"github.com/sbora-serve/sbora-serve/adapters"
+	"github.com/sbora-serve/sbora-serve/internal/ggmlx"
 	"github.com/sbora-serve/sbora-serve/kernels"
 )
 
@@ -117,4 +119,41 @@ func TestPlanFailsNamingFlags(t *testing.T) {
 	if p.KVTokens != 8000 || p.MaxResident != 4 || p.MaxRank != 32 || p.MaxSeqLen != 2048 || p.Parallel != 4 {
 		t.Fatalf("explicit sizes changed: %s", p)
 	}
+}
+
+func TestPlacement(t *testing.T) {
+	gpu := ggmlx.GPU{ID: ml.DeviceID{ID: "0", Library: "CUDA"}, Description: "H200"}
+	for _, c := range []struct {
+		name   string
+		want   int
+		gpus   []ggmlx.GPU
+		layers []int // offloaded ollama layer indices (32 = output head)
+		output bool
+	}{
+		{"all", AllLayers, []ggmlx.GPU{gpu}, seq(0, 33), true},
+		{"more than there are", 40, []ggmlx.GPU{gpu}, seq(0, 33), true},
+		{"last eight", 8, []ggmlx.GPU{gpu}, seq(24, 32), false},
+		{"CPU asked", 0, []ggmlx.GPU{gpu}, nil, false},
+		{"no GPU", AllLayers, nil, nil, false},
+	} {
+		p, list := place(32, c.want, c.gpus)
+		var got []int
+		for _, g := range list {
+			if g.DeviceID != gpu.ID {
+				t.Errorf("%s: device %v", c.name, g.DeviceID)
+			}
+			got = append(got, g.Layers...)
+		}
+		if !slices.Equal(got, c.layers) || p.Output != c.output || (p.GPU == nil) != (c.layers == nil) {
+			t.Errorf("%s: placement %+v layers %v, want %v (output %v)", c.name, p, got, c.layers, c.output)
+		}
+	}
+}
+
+func seq(lo, hi int) []int {
+	var out []int
+	for i := lo; i < hi; i++ {
+		out = append(out, i)
+	}
+	return out
 }

@@ -13,7 +13,9 @@ import (
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	json.NewEncoder(w).Encode(v)
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false) // text as the model wrote it, as OpenAI sends it
+	enc.Encode(v)
 }
 
 func newID(prefix string) string {

@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/sbora-serve/sbora-serve/adapters"
+	"github.com/sbora-serve/sbora-serve/internal/ggmlx"
 	"github.com/sbora-serve/sbora-serve/llama"
 	"github.com/sbora-serve/sbora-serve/llama/constrain"
 )
@@ -77,6 +78,11 @@ type Config struct {
 	// BodyTimeout is how long a client may take to send an inference
 	// request body (uploads get ten times as long).
 	BodyTimeout time.Duration
+	// GPULayers is how many transformer layers (and their KV cache and
+	// bank slots) run on the GPU, counted from the last; llama.AllLayers
+	// for every layer and the output head. 0 keeps everything on the CPU.
+	// Without a GPU the server runs on the CPU and says so in its log.
+	GPULayers int
 	// AdapterRescan is how often the adapter directory is rescanned for
 	// files other replicas or operators added, replaced or removed (file
 	// events trigger a scan sooner); negative turns following it off.
@@ -181,6 +187,14 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.GPULayers == llama.AllLayers {
+		// The weights, KV pool and bank all live in GPU memory: plan
+		// against it.
+		if gpus := ggmlx.GPUs(); len(gpus) > 0 {
+			g := gpus[0]
+			avail, source = int64(g.FreeMemory), fmt.Sprintf("%.1f GiB free on %s", float64(g.FreeMemory)/(1<<30), g.Description)
+		}
+	}
 	plan, err := PlanMemory(cfg, avail, source)
 	if err != nil {
 		return nil, err
@@ -189,6 +203,7 @@ func New(cfg Config) (*Server, error) {
 	cfg.MaxResident, cfg.MaxRank = plan.MaxResident, plan.MaxRank
 	lo := llama.ServingOptions(cfg.Threads)
 	lo.Repack = !cfg.NoRepack
+	lo.GPULayers = cfg.GPULayers
 	m, err := llama.Load(cfg.ModelPath, lo)
 	if err != nil {
 		return nil, err
@@ -266,6 +281,9 @@ func (s *Server) Config() Config { return s.cfg }
 
 // Plan is the memory plan the server runs with.
 func (s *Server) Plan() *llama.MemoryPlan { return s.plan }
+
+// Placement says where the model runs.
+func (s *Server) Placement() llama.Placement { return s.model.Placement }
 
 // ChatTemplate names the chat format in use.
 func (s *Server) ChatTemplate() string { return s.chat.Name }

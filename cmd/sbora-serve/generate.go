@@ -29,6 +29,7 @@ func runGenerate(args []string) error {
 	threads := fs.Int("threads", 0, "CPU threads (0 = all cores)")
 	ctxLen := fs.Int("ctx", 0, "context length (0 = the model's, at most 4096)")
 	noBOS := fs.Bool("no-bos", false, "do not add the BOS token to the prompt")
+	gpuLayers := fs.Int("gpu-layers", -1, gpuLayersUsage)
 	verbose := fs.Bool("verbose", false, "log engine details to stderr")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -37,13 +38,18 @@ func runGenerate(args []string) error {
 	if *modelPath == "" {
 		return errors.New("--model is required")
 	}
+	if err := checkGPULayers(*gpuLayers); err != nil {
+		return err
+	}
 	if *maxTokens < 0 {
 		return errors.New("--max-tokens must be ≥ 0")
 	}
 	if len(adapterList) > kernels.MaxCompose {
 		return fmt.Errorf("at most %d adapters compose, got %d", kernels.MaxCompose, len(adapterList))
 	}
-	m, err := llama.Load(*modelPath, llama.ServingOptions(*threads))
+	lo := llama.ServingOptions(*threads)
+	lo.GPULayers = *gpuLayers
+	m, err := llama.Load(*modelPath, lo)
 	if err != nil {
 		return err
 	}

@@ -25,7 +25,8 @@ func init() {
 		{"generate", "generate a continuation of a prompt (optionally with adapters)", runGenerate},
 		{"train", "train an SBoRA (fa, fb) or LoRA adapter on a frozen base", runTrain},
 		{"adapters", "adapter tools: import, export, merge, inspect, random", runAdapters},
-		{"model", "model tools: random, quantize, info", runModel},
+		{"model", "model tools: random, quantize, info, plan", runModel},
+		{"check", "compare this machine's GPU with its CPU: logits, throughput, training (deploy/gpu-check.sh)", runCheck},
 		{"version", "print the version", func([]string) error { fmt.Println(version); return nil }},
 	}
 }

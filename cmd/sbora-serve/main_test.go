@@ -90,6 +90,10 @@ func TestGenerateErrors(t *testing.T) {
 		{[]string{"generate", "--model", model, "--adapter", bad}, "invalid GGUF"},
 		{[]string{"generate", "--model", bad}, "invalid GGUF"},
 		{[]string{"nonsense"}, "unknown command"},
+		{[]string{"generate", "--model", model, "--gpu-layers", "-2"}, "--gpu-layers -2"},
+		{[]string{"train", "--model", model, "--data", "x", "--out", "y", "--gpu-layers", "-5"}, "--gpu-layers -5"},
+		{[]string{"serve", "--model", model, "--gpu-layers", "-3"}, "--gpu-layers -3"},
+		{[]string{"generate", "--model", model, "--gpu-layers", "many"}, "invalid value"},
 	} {
 		_, stderr, err := run(t, c.args...)
 		if err == nil {
@@ -99,6 +103,46 @@ func TestGenerateErrors(t *testing.T) {
 		if !strings.Contains(stderr, c.want) {
 			t.Errorf("%v: stderr %q does not mention %q", c.args, stderr, c.want)
 		}
+	}
+}
+
+// TestNoGPUFallsBack: asked for the GPU (the default) where ggml finds no
+// GPU backend, generate and train run on the CPU and say so in one log
+// line; --gpu-layers 0 asks for the CPU and logs nothing about GPUs.
+func TestNoGPUFallsBack(t *testing.T) {
+	model := testutil.Shared(t, "models/stories260K.gguf")
+	// An empty backend directory: no libggml-cuda, whatever this machine has.
+	empty := filepath.Join(t.TempDir(), "lib", "ollama")
+	os.MkdirAll(empty, 0o755)
+	env := append(os.Environ(), "OLLAMA_LIBRARY_PATH="+empty)
+	runEnv := func(args ...string) (string, string) {
+		cmd := exec.Command(binary, args...)
+		cmd.Env = env
+		var o, e bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &o, &e
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, e.String())
+		}
+		return o.String(), e.String()
+	}
+	for _, layers := range []string{"-1", "12"} {
+		out, stderr := runEnv("generate", "--model", model, "--prompt", "Once upon a time", "--max-tokens", "8", "--temperature", "0", "--gpu-layers", layers)
+		if n := strings.Count(stderr, "no GPU found: running on the CPU"); n != 1 || !strings.Contains(stderr, empty) {
+			t.Errorf("--gpu-layers %s: %d fallback lines naming %s in %q", layers, n, empty, stderr)
+		}
+		if strings.TrimSpace(out) == "" {
+			t.Errorf("--gpu-layers %s: no text", layers)
+		}
+	}
+	_, stderr := runEnv("generate", "--model", model, "--prompt", "Once", "--max-tokens", "2", "--gpu-layers", "0")
+	if strings.Contains(stderr, "GPU") {
+		t.Errorf("--gpu-layers 0 logged about GPUs: %q", stderr)
+	}
+	data := filepath.Join(t.TempDir(), "d.jsonl")
+	os.WriteFile(data, []byte(`{"prompt": "Once", "completion": " upon"}`+"\n"), 0o644)
+	_, stderr = runEnv("train", "--model", model, "--data", data, "--out", filepath.Join(t.TempDir(), "a.gguf"), "--steps", "1", "--batch", "1")
+	if !strings.Contains(stderr, "no GPU found: running on the CPU") || !strings.Contains(stderr, "on CPU") {
+		t.Errorf("train without a GPU: %q", stderr)
 	}
 }
 
@@ -326,5 +370,32 @@ func TestTrainInterruptSavesCheckpoint(t *testing.T) {
 	// Resuming a run of a different length is refused; the same run continues.
 	if _, stderr, err := run(t, "train", "--model", model, "--data", data, "--out", out, "--steps", "5", "--batch", "2", "--resume", ckpt); err == nil || !strings.Contains(stderr, "different run") {
 		t.Fatalf("resume with other --steps: %v %s", err, stderr)
+	}
+}
+
+// TestCheckDryRun runs the GPU check (what deploy/gpu-check.sh runs on a
+// GPU machine) with its GPU side on the CPU, so that its every part works
+// before it meets a GPU: logits comparisons, decode and server throughput,
+// and the training run. Without --dry-run and without a GPU it refuses.
+func TestCheckDryRun(t *testing.T) {
+	model := testutil.Shared(t, "models/stories260K.gguf")
+	empty := filepath.Join(t.TempDir(), "lib", "ollama")
+	os.MkdirAll(empty, 0o755)
+	cmd := exec.Command(binary, "check", "--model", model, "--streams", "8")
+	cmd.Env = append(os.Environ(), "OLLAMA_LIBRARY_PATH="+empty)
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "no GPU found") {
+		t.Errorf("check without a GPU: %v %s", err, out)
+	}
+	cmd = exec.Command(binary, "check", "--model", model, "--streams", "8", "--dry-run")
+	cmd.Env = append(os.Environ(), "OLLAMA_LIBRARY_PATH="+empty)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("check --dry-run: %v\n%s", err, out)
+	}
+	for _, want := range []string{"PASS  GPU vs CPU logits, FA+FB+LoRA", "PASS  GPU mixed batch", "64 distinct FA r16 adapters",
+		"server, 8 concurrent requests × 32 tokens, 64 distinct adapters", "PASS  20 FA training steps", "PASS  saved adapter's eval loss", "all checks passed"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("check output lacks %q:\n%s", want, out)
+		}
 	}
 }

@@ -30,6 +30,9 @@ func runServe(args []string) error {
 	if cfg.ModelPath == "" {
 		return errors.New("--model is required")
 	}
+	if err := checkGPULayers(cfg.GPULayers); err != nil {
+		return err
+	}
 	srv, err := serve.New(cfg)
 	if err != nil {
 		return err
@@ -41,6 +44,7 @@ func runServe(args []string) error {
 	}
 	eff := srv.Config()
 	fmt.Fprintf(os.Stderr, "sbora-serve: %s\n", srv.Plan())
+	fmt.Fprintf(os.Stderr, "sbora-serve: running on %s\n", srv.Placement())
 	fmt.Fprintf(os.Stderr, "sbora-serve: model %s (%s), %d adapters registered from %s, chat template %s\n",
 		eff.ModelName, eff.ModelPath, srv.Registry().Len(), srv.Registry().Dir(), srv.ChatTemplate())
 	fmt.Fprintf(os.Stderr, "sbora-serve: listening on http://%s\n", ln.Addr())
@@ -94,6 +98,7 @@ func serveFlags(fs *flag.FlagSet, cfg *serve.Config) {
 	fs.IntVar(&cfg.MaxQueue, "max-queue", 256, "requests waiting beyond which new ones get 429")
 	fs.IntVar(&cfg.MaxLoading, "max-loading", 2, "adapter files read at once")
 	fs.IntVar(&cfg.Threads, "threads", 0, "CPU threads (0 = all cores)")
+	fs.IntVar(&cfg.GPULayers, "gpu-layers", -1, gpuLayersUsage)
 	fs.BoolVar(&cfg.CacheF32, "cache-f32", false, "keep the KV cache in F32 instead of F16")
 	fs.BoolVar(&cfg.NoPrefixCache, "no-prefix-cache", false, "do not reuse the KV blocks of shared prompt prefixes")
 	fs.BoolVar(&cfg.NoRepack, "no-repack", false, "keep CPU weights in their file layout instead of ggml-cpu's faster repacked layouts")
@@ -106,4 +111,14 @@ func serveFlags(fs *flag.FlagSet, cfg *serve.Config) {
 	fs.Int64Var(&cfg.MaxUploadBytes, "max-upload-bytes", 512<<20, "largest adapter upload")
 	fs.DurationVar(&cfg.BodyTimeout, "body-timeout", 30*time.Second, "how long a client may take to send a request body (uploads: 10×)")
 	fs.DurationVar(&cfg.AdapterRescan, "adapter-rescan", 2*time.Second, "rescan the adapter directory this often for files other replicas or operators changed (file events rescan sooner; negative: off)")
+}
+
+const gpuLayersUsage = "transformer layers to run on the GPU, from the last, with their KV cache and adapter slots (-1 = all and the output head; 0 = CPU only); without a GPU everything runs on the CPU"
+
+// checkGPULayers refuses counts below -1.
+func checkGPULayers(n int) error {
+	if n < -1 {
+		return fmt.Errorf("--gpu-layers %d: want -1 (all), 0 (CPU only) or a layer count", n)
+	}
+	return nil
 }

@@ -52,6 +52,8 @@ func runTrain(args []string) error {
 	name := fs.String("name", "", "adapter name stored in the file")
 	var avoid stringList
 	fs.Var(&avoid, "avoid", "adapter file whose indices the new adapter must not reuse (repeatable)")
+	gpuLayers := fs.Int("gpu-layers", -1, gpuLayersUsage)
+	layerwise := fs.Bool("layerwise", false, "differentiate one layer at a time through F32 copies of its weights (always on a GPU; bounded memory on the CPU too)")
 	verbose := fs.Bool("verbose", false, "log engine details to stderr")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -59,6 +61,9 @@ func runTrain(args []string) error {
 	setupLogging(*verbose)
 	if *modelPath == "" || *data == "" || *out == "" {
 		return errors.New("--model, --data and --out are required")
+	}
+	if err := checkGPULayers(*gpuLayers); err != nil {
+		return err
 	}
 	v, err := adapters.ParseVariant(*variant)
 	if err != nil {
@@ -74,7 +79,7 @@ func runTrain(args []string) error {
 	if *evalSplit < 0 || *evalSplit >= 1 {
 		return errors.New("--eval-split must be in [0, 1)")
 	}
-	m, err := llama.Load(*modelPath, llama.LoadOptions{Threads: *threads})
+	m, err := llama.Load(*modelPath, llama.LoadOptions{Threads: *threads, GPULayers: *gpuLayers})
 	if err != nil {
 		return err
 	}
@@ -113,7 +118,7 @@ func runTrain(args []string) error {
 	cfg := train.Config{Variant: v, Rank: *rank, Alpha: float32(*alpha), Targets: mods, LR: *lr, Epochs: *epochs, Steps: *steps,
 		Batch: *batch, GradAccum: *accum, SeqLen: *seqLen, Warmup: *warmup, Schedule: *schedule, MaxGradNorm: *maxNorm,
 		WeightDecay: *wd, Seed: *seed, EvalEvery: *evalEvery, CheckpointEvery: *ckptEvery, CheckpointDir: *ckptDir,
-		Avoid: avoidAdapters, Name: *name}
+		Avoid: avoidAdapters, Name: *name, Layerwise: *layerwise}
 	tr, err := train.New(m, cfg, trainSet, evalSet)
 	if err != nil {
 		return err
@@ -124,8 +129,8 @@ func runTrain(args []string) error {
 		}
 	}
 	tty := term.IsTerminal(int(os.Stderr.Fd()))
-	fmt.Fprintf(os.Stderr, "training %s rank %d (%d trainable values) on %d examples (%d held out), %d steps from step %d\n",
-		v, *rank, tr.Params().Count(), len(trainSet), len(evalSet), tr.Steps(), tr.Step())
+	fmt.Fprintf(os.Stderr, "training %s rank %d (%d trainable values) on %d examples (%d held out), %d steps from step %d, on %s\n",
+		v, *rank, tr.Params().Count(), len(trainSet), len(evalSet), tr.Steps(), tr.Step(), m.Placement)
 	if len(evalSet) > 0 && tr.Step() == 0 {
 		base, err := train.BaseEvalLoss(m, evalSet, *batch)
 		if err != nil {

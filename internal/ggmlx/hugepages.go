@@ -4,6 +4,7 @@ package ggmlx
 #include <stdint.h>
 #include <sys/mman.h>
 #include "ggml.h"
+#include "ggml-backend.h"
 
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
@@ -38,8 +39,8 @@ func HugePages(ts []ml.Tensor) int64 {
 	var spans []span
 	for _, t := range ts {
 		rt := rawTensor(t)
-		if rt.data == nil || rt.buffer == nil {
-			continue
+		if rt.data == nil || rt.buffer == nil || !bool(C.ggml_backend_buffer_is_host(rt.buffer)) {
+			continue // device memory is not ours to madvise
 		}
 		lo := uintptr(rt.data)
 		spans = append(spans, span{lo, lo + uintptr(C.ggml_nbytes(rt))})

@@ -173,3 +173,37 @@ func (g *Graph) Free() {
 		g.ctx = nil
 	}
 }
+
+// ComputeOutputs computes outs (built in ctx) in one graph without
+// gradients and keeps every one of them readable (ReadFloats) until the
+// backend computes again; intermediate tensors are freed as the graph
+// goes, so a layer's temporaries do not outlive it.
+func ComputeOutputs(ctx ml.Context, outs []ml.Tensor, size int) error {
+	b := ml.Backend(*(**ggml.Backend)(contextB.ptr(unsafe.Pointer(ctx.(*ggml.Context)))))
+	EnsureGraphNodes(b, size)
+	mem := C.size_t(size)*C.ggml_tensor_overhead() + C.ggml_graph_overhead_custom(C.size_t(size), false)
+	gctx := C.ggml_init(C.struct_ggml_init_params{mem_size: mem, no_alloc: true})
+	if gctx == nil {
+		return errors.New("ggmlx: cannot allocate a graph context")
+	}
+	defer C.ggml_free(gctx)
+	g := &Graph{backend: b, ctx: nil, g: C.ggml_new_graph_custom(gctx, C.size_t(size), false)}
+	for _, t := range outs {
+		C.ggml_set_output(rawTensor(t))
+		C.ggml_build_forward_expand(g.g, rawTensor(t))
+	}
+	return g.Compute()
+}
+
+// ReadFloats copies an F32 tensor's values out (from any backend).
+func ReadFloats(t ml.Tensor) []float32 {
+	rt := rawTensor(t)
+	if rt._type != C.GGML_TYPE_F32 {
+		panic("ggmlx: ReadFloats of a non-F32 tensor")
+	}
+	out := make([]float32, int(C.ggml_nelements(rt)))
+	if len(out) > 0 {
+		C.ggml_backend_tensor_get(rt, unsafe.Pointer(&out[0]), 0, C.size_t(4*len(out)))
+	}
+	return out
+}

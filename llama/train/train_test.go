@@ -46,6 +46,11 @@ func load(t testing.TB, path string) *llama.Model {
 // quantizes the activations entering every quantized matmul to 8 bits (the
 // float64 reference multiplies the dequantized weights exactly), which
 // moves the loss and its gradients by up to a few percent: we allow 8e-2.
+//
+// The layer-wise path (the GPU's: one layer differentiated at a time
+// through F32 copies of its weights) multiplies by exactly the dequantized
+// weights the reference uses, so it is held to 1e-4 on every base,
+// quantized ones included.
 func TestGradientsMatchFiniteDifferences(t *testing.T) {
 	dir := t.TempDir()
 	f32 := filepath.Join(dir, "tiny-f32.gguf")
@@ -56,6 +61,10 @@ func TestGradientsMatchFiniteDifferences(t *testing.T) {
 	}
 	q8 := filepath.Join(dir, "tiny-q8_0.gguf")
 	if err := modelfile.Quantize(f32, q8, gguf.TypeQ8_0); err != nil {
+		t.Fatal(err)
+	}
+	q4 := filepath.Join(dir, "tiny-q4_0.gguf")
+	if err := modelfile.Quantize(f32, q4, gguf.TypeQ4_0); err != nil {
 		t.Fatal(err)
 	}
 	rng := rand.New(rand.NewPCG(5, 5))
@@ -71,7 +80,9 @@ func TestGradientsMatchFiniteDifferences(t *testing.T) {
 	for _, base := range []struct {
 		name, path string
 		tol        float64
-	}{{"F32", f32, 1e-4}, {"Q8_0", q8, 8e-2}} {
+		layerwise  bool
+	}{{"F32", f32, 1e-4, false}, {"Q8_0", q8, 8e-2, false},
+		{"F32/layerwise", f32, 1e-4, true}, {"Q8_0/layerwise", q8, 1e-4, true}, {"Q4_0/layerwise", q4, 1e-4, true}} {
 		m := load(t, base.path)
 		ref, err := refmodel.Load(base.path)
 		if err != nil {
@@ -93,7 +104,7 @@ func TestGradientsMatchFiniteDifferences(t *testing.T) {
 				for i := range vals {
 					grads[i] = make([]float32, len(vals[i]))
 				}
-				tr := &Trainer{m: m, params: p}
+				tr := &Trainer{m: m, params: p, cfg: Config{Layerwise: base.layerwise}}
 				if _, err := tr.compute(makeBatch(exs, maxLen(exs)), 1, ts, grads); err != nil {
 					t.Fatal(err)
 				}
@@ -370,5 +381,52 @@ func TestResumeReproducesTheRun(t *testing.T) {
 	other, _ := trainSecret(t, m, adapters.FB, 10, func(c *Config) { opts(c); c.Seed = 2 })
 	if err := other.Resume(dir); err == nil || !strings.Contains(err.Error(), "different run") {
 		t.Fatalf("resuming another run's checkpoint: %v", err)
+	}
+}
+
+// TestLayerwiseMemoryDoesNotGrowWithDepth: the layer-wise step's compute
+// buffers are one layer's worth (its F32 weights, its activations and
+// gradients), about the same at 2 and 16 layers: the F32 copies of the
+// weights never pile up.
+func TestLayerwiseMemoryDoesNotGrowWithDepth(t *testing.T) {
+	dir := t.TempDir()
+	bytesFor := func(layers int, layerwise bool) int {
+		path := filepath.Join(dir, fmt.Sprintf("m%d.gguf", layers))
+		if _, err := os.Stat(path); err != nil {
+			spec := modelfile.Spec{Layers: layers, Embedding: 256, FeedForward: 768, Heads: 4, KVHeads: 4, Vocab: 500, ContextLength: 256,
+				Type: gguf.TypeQ8_0, Seed: 1}
+			if err := modelfile.WriteRandom(path, spec); err != nil {
+				t.Fatal(err)
+			}
+		}
+		m := load(t, path)
+		p, err := NewParams(m, InitOptions{Variant: adapters.FA, Rank: 8, Seed: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		if err := p.upload(m.Backend()); err != nil {
+			t.Fatal(err)
+		}
+		ex := &Example{}
+		for i := 0; i < 128; i++ {
+			ex.Tokens = append(ex.Tokens, int32(i%500))
+			ex.Loss = append(ex.Loss, i > 0)
+		}
+		ts, vals := p.tensors()
+		buf := make([][]float32, len(vals))
+		for i := range vals {
+			buf[i] = make([]float32, len(vals[i]))
+		}
+		tr := &Trainer{m: m, params: p, cfg: Config{Layerwise: layerwise}}
+		if _, err := tr.compute(makeBatch([]*Example{ex, ex}, 128), 1, ts, buf); err != nil {
+			t.Fatal(err)
+		}
+		return tr.ComputeBytes
+	}
+	lw2, lw16 := bytesFor(2, true), bytesFor(16, true)
+	t.Logf("layer-wise compute buffers: %d KiB at 2 layers, %d KiB at 16", lw2>>10, lw16>>10)
+	if float64(lw16) > 1.1*float64(lw2) {
+		t.Errorf("layer-wise compute memory grows with depth: %d → %d bytes", lw2, lw16)
 	}
 }

@@ -43,6 +43,11 @@ type Config struct {
 	// Avoid: adapters whose indices the new one must not reuse.
 	Avoid []*adapters.Adapter
 	Name  string
+	// Layerwise differentiates one layer at a time through F32 copies of
+	// its weights (see layerwise.go): what runs on GPUs, which cannot
+	// backpropagate through quantized weights. Models on a GPU always
+	// train this way.
+	Layerwise bool
 }
 
 func (c *Config) defaults() error {
@@ -113,8 +118,8 @@ func New(m *llama.Model, cfg Config, trainSet, evalSet []*Example) (*Trainer, er
 	}
 	for _, l := range m.Layers {
 		for _, w := range []ml.Tensor{l.Attention.Query.Weight, l.MLP.Down.Weight} {
-			if ggmlx.TypeOf(w) == 1 { // F16
-				return nil, errors.New("the base model has F16 weights, which ggml cannot backpropagate through on the CPU: use an F32, Q8_0 or Q4_0 copy (sbora-serve model quantize)")
+			if ggmlx.TypeOf(w) == 1 && !cfg.Layerwise && m.Placement.GPU == nil { // F16
+				return nil, errors.New("the base model has F16 weights, which ggml cannot backpropagate through on the CPU: train --layerwise, or use an F32, Q8_0 or Q4_0 copy (sbora-serve model quantize)")
 			}
 		}
 	}
@@ -288,6 +293,9 @@ func maxLen(exs []*Example) int {
 // compute runs forward and backward for one micro-batch, leaving the
 // gradients in buf; it returns the weighted loss.
 func (t *Trainer) compute(b *batch, weight float64, ts []ml.Tensor, buf [][]float32) (float64, error) {
+	if t.layerwise() {
+		return t.computeLayerwise(b, weight, ts, buf)
+	}
 	size := graphSize(t.m, t.params)
 	ggmlx.EnsureGraphNodes(t.m.Backend(), size)
 	ctx := t.m.Backend().NewContextSize(size)
