@@ -58,33 +58,42 @@ func totalUsage(choices []*choiceOutput) usage {
 	return u
 }
 
-// next waits for the request's next event; false when the client left.
+// next waits for the request's next choice event, recording the prompt's
+// logprobs on the way; false when the client left (the scheduler reaps
+// the request).
 func (o *response) next(r *http.Request) (event, bool) {
-	select {
-	case ev := <-o.req.events:
-		return ev, true
-	case <-r.Context().Done():
-		return event{}, false // the scheduler reaps the request
+	for {
+		select {
+		case ev := <-o.req.events:
+			switch ev.kind {
+			case evPromptLogprobs:
+				o.promptLP = ev.logprobs
+				continue
+			case evAdmitted:
+				continue
+			}
+			return ev, true
+		case <-r.Context().Done():
+			return event{}, false
+		}
 	}
+}
+
+func (o *response) newChoices() []*choiceOutput {
+	choices := make([]*choiceOutput, o.p.n)
+	for i := range choices {
+		choices[i] = &choiceOutput{holding: o.p.stream && o.prep.tools != nil}
+	}
+	return choices
 }
 
 // collect writes the whole response once every choice is done.
 func (o *response) collect(w http.ResponseWriter, r *http.Request) {
-	choices := make([]*choiceOutput, o.p.n)
-	for i := range choices {
-		choices[i] = &choiceOutput{}
-	}
+	choices := o.newChoices()
 	for open := o.p.n; open > 0; {
 		ev, ok := o.next(r)
 		if !ok {
 			return
-		}
-		switch ev.kind {
-		case evPromptLogprobs:
-			o.promptLP = ev.logprobs
-			continue
-		case evAdmitted:
-			continue
 		}
 		c := choices[ev.choice]
 		c.text.WriteString(ev.text)
@@ -191,21 +200,11 @@ func (o *response) stream(w http.ResponseWriter, r *http.Request) {
 			flusher.Flush()
 		}
 	}
-	choices := make([]*choiceOutput, o.p.n)
-	for i := range choices {
-		choices[i] = &choiceOutput{holding: o.prep.tools != nil}
-	}
+	choices := o.newChoices()
 	for open := o.p.n; open > 0; {
 		ev, ok := o.next(r)
 		if !ok {
 			return
-		}
-		switch ev.kind {
-		case evPromptLogprobs:
-			o.promptLP = ev.logprobs
-			continue
-		case evAdmitted:
-			continue
 		}
 		c := choices[ev.choice]
 		if !c.started {

@@ -24,6 +24,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -50,16 +51,18 @@ type Config struct {
 	Workers       int // inference clients
 	Seed          uint64
 	Log           io.Writer
+	ServerLog     io.Writer // the server's stderr, when set
 }
 
 // Report is what a run found.
 type Report struct {
 	Requests, Completed, Verified int
+	Ties                          int // verified responses that parted from the solo run at a near tie
 	Mismatched                    []string
 	Lost                          []string
 	Faults                        map[string]int
 	Outcomes                      map[string]int
-	FDs, Goroutines               [2]float64 // baseline, end
+	FDs, Goroutines               [2]float64 // baseline, end (FDs: besides registered adapters')
 	RSS                           [2]int64
 	Alive                         bool
 }
@@ -93,8 +96,8 @@ func (r *Report) Failed() []string {
 
 func (r *Report) String() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "requests %d: completed %d (%d greedy, verified against solo runs), mismatched %d, lost %d\n",
-		r.Requests, r.Completed, r.Verified, len(r.Mismatched), len(r.Lost))
+	fmt.Fprintf(&b, "requests %d: completed %d (%d greedy, verified against solo runs), parted at a near tie %d, mismatched %d, lost %d\n",
+		r.Requests, r.Completed, r.Verified, r.Ties, len(r.Mismatched), len(r.Lost))
 	fmt.Fprintf(&b, "outcomes: %s\n", counts(r.Outcomes))
 	fmt.Fprintf(&b, "faults injected: %s\n", counts(r.Faults))
 	fmt.Fprintf(&b, "file descriptors %v → %v, goroutines %v → %v, RSS %d → %d MiB, alive %v",
@@ -159,7 +162,7 @@ func Run(cfg Config) (*Report, error) {
 			}
 		}
 	}
-	srv, err := startServer(cfg.Binary, cfg.Model, dir)
+	srv, err := startServer(cfg.Binary, cfg.Model, dir, cfg.ServerLog)
 	if err != nil {
 		return nil, err
 	}
@@ -249,7 +252,7 @@ type soak struct {
 type completed struct {
 	endpoint string
 	body     map[string]any
-	text     string
+	out      output
 	churned  map[string][2]int // churned adapter → range of versions that may have served it
 }
 
@@ -391,6 +394,14 @@ func (s *soak) inference(rng *rand.Rand) {
 	greedy := rng.IntN(10) < 7
 	if greedy {
 		body["temperature"] = 0
+		// Logprobs let verification tell a near tie (two tokens whose
+		// logits differ by float32 summation order between batch shapes)
+		// from a wrong computation.
+		if endpoint == "/v1/completions" {
+			body["logprobs"] = 5
+		} else {
+			body["logprobs"], body["top_logprobs"] = true, 5
+		}
 	} else {
 		body["temperature"] = 0.8
 		body["seed"] = rng.IntN(1000)
@@ -405,7 +416,8 @@ func (s *soak) inference(rng *rand.Rand) {
 		// Queued, mid-prefill or mid-stream: anywhere in the first 400 ms.
 		time.AfterFunc(time.Duration(rng.IntN(400))*time.Millisecond, cancel)
 	}
-	text, status, err := s.srv.generate(ctx, endpoint, body, stream)
+	out, status, err := s.srv.generate(ctx, endpoint, body, stream)
+	text := out.text
 	switch {
 	case giveUp && ctx.Err() != nil:
 		s.note("client-gave-up")
@@ -416,7 +428,7 @@ func (s *soak) inference(rng *rand.Rand) {
 		s.mu.Lock()
 		s.report.Completed++
 		if greedy {
-			s.done = append(s.done, completed{endpoint: endpoint, body: body, text: text, churned: s.churnRange(churnedAt)})
+			s.done = append(s.done, completed{endpoint: endpoint, body: body, out: out, churned: s.churnRange(churnedAt)})
 		}
 		s.mu.Unlock()
 	case status == 404 && len(churnedAt) > 0:
@@ -443,21 +455,27 @@ func (s *soak) churnState(used []string) map[string]int {
 }
 
 // churnRange turns the state at send time into the range of version
-// records (from the one current then to the newest now) that may have
-// served the request.
+// records that may have served the request: from the one before the last
+// recorded then (a version is recorded before its upload or deletion is
+// sent, so the server may still have had the previous one) to the newest
+// now.
 func (s *soak) churnRange(at map[string]int) map[string][2]int {
 	out := map[string][2]int{}
 	for n, k := range at {
-		out[n] = [2]int{k - 1, len(s.versions[n]) - 1}
+		out[n] = [2]int{k - 2, len(s.versions[n]) - 1}
 	}
 	return out
 }
 
 // verify reruns every distinct completed greedy request alone and checks
-// the response equals one a version it could have used gives.
+// the response equals one a version it could have used gives. A response
+// that parts from the solo one at a near tie (the token it took is within
+// tieTolerance nats of the solo run's choice: batch shapes change float32
+// summation order by ~1e-7 of the logits) counts as a tie, not a mismatch;
+// a wrong adapter or corrupted cache does not produce ties.
 func (s *soak) verify() {
 	type key string
-	solo := map[key]string{}
+	solo := map[key]output{}
 	for _, c := range s.done {
 		alternatives := []map[string]any{c.body}
 		for name, rg := range c.churned {
@@ -477,7 +495,7 @@ func (s *soak) verify() {
 			}
 			alternatives = next
 		}
-		ok := false
+		ok, tie := false, false
 		var wants []string
 		for _, b := range alternatives {
 			b = clone(b)
@@ -485,23 +503,65 @@ func (s *soak) verify() {
 			k := key(c.endpoint + string(mustJSON(b)))
 			want, cached := solo[k]
 			if !cached {
-				text, status, err := s.srv.generate(context.Background(), c.endpoint, b, false)
+				out, status, err := s.srv.generate(context.Background(), c.endpoint, b, false)
 				if err != nil || status != 200 {
 					continue
 				}
-				solo[k], want = text, text
+				solo[k], want = out, out
 			}
-			wants = append(wants, want)
-			if want == c.text {
+			wants = append(wants, want.text)
+			if want.text == c.out.text {
 				ok = true
 				break
 			}
+			if nearTie(c.out, want) {
+				tie = true
+			}
 		}
 		s.report.Verified++
-		if !ok {
-			s.report.Mismatched = append(s.report.Mismatched, fmt.Sprintf("%s %v: got %q, alone %q", c.endpoint, c.body["model"], c.text, wants))
+		switch {
+		case ok:
+		case tie:
+			s.report.Ties++
+		default:
+			s.report.Mismatched = append(s.report.Mismatched, fmt.Sprintf("%s %s: got %q, alone %q", c.endpoint, mustJSON(c.body), c.out.text, wants))
 		}
 	}
+}
+
+// tieTolerance is the largest logprob gap verification takes for a tie.
+const tieTolerance = 2e-3
+
+// eosPiece is how logprobs show stories260K's end-of-sequence token.
+const eosPiece = "</s>"
+
+// nearTie reports whether got and alone agree token by token up to a
+// position where the token one took was within tieTolerance of the
+// other's (by either run's logprobs), ending the sequence counting as a
+// token.
+func nearTie(got, alone output) bool {
+	close := func(at tokenLP, a, b string) bool { // is b nearly as likely as a at this position?
+		la, oka := at.top[a]
+		lb, okb := at.top[b]
+		return oka && okb && math.Abs(la-lb) <= tieTolerance
+	}
+	n := min(len(got.tokens), len(alone.tokens))
+	for i := 0; i < n; i++ {
+		g, a := got.tokens[i], alone.tokens[i]
+		if g.token == a.token {
+			continue
+		}
+		return close(a, a.token, g.token) || close(g, g.token, a.token)
+	}
+	switch {
+	case len(got.tokens) < len(alone.tokens): // got ended where alone went on
+		a := alone.tokens[n]
+		return close(a, a.token, eosPiece)
+	case len(alone.tokens) < len(got.tokens):
+		g := got.tokens[n]
+		return close(g, g.token, eosPiece)
+	}
+	return false
 }
 
 func (s *soak) ensureAlias(alias, name string, v int) {
@@ -554,7 +614,7 @@ type server struct {
 
 var listenRE = regexp.MustCompile(`listening on (http://\S+)`)
 
-func startServer(binary, model, dir string) (*server, error) {
+func startServer(binary, model, dir string, log io.Writer) (*server, error) {
 	cmd := exec.Command(binary, "serve", "--model", model, "--adapter-dir", dir, "--addr", "127.0.0.1:0", "--threads", "2",
 		"--parallel", "6", "--ctx", "256", "--kv-tokens", "768", "--max-resident", "4", "--cache-f32", "--max-queue", "48",
 		"--api-key", apiKey, "--admin-key", adminKey, "--max-request-bytes", "262144", "--body-timeout", "2s", "--drain-timeout", "5s")
@@ -570,6 +630,9 @@ func startServer(binary, model, dir string) (*server, error) {
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
+			if log != nil {
+				fmt.Fprintln(log, sc.Text())
+			}
 			if m := listenRE.FindStringSubmatch(sc.Text()); m != nil {
 				found <- m[1]
 			}
@@ -606,9 +669,12 @@ func (s *server) kill() {
 	}
 }
 
+// fds counts the server's open file descriptors beyond the one each
+// registered adapter holds by design (its registered version stays
+// readable after the file is replaced or deleted).
 func (s *server) fds() float64 {
 	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", s.cmd.Process.Pid))
-	return float64(len(ents))
+	return float64(len(ents)) - s.metric("sbora_registered_adapters")
 }
 
 func (s *server) rss() int64 {
@@ -664,11 +730,11 @@ func (s *server) raw(path, contentType string, body []byte, key string) (int, er
 }
 
 func (s *server) post(path string, body map[string]any) (string, error) {
-	text, status, err := s.generate(context.Background(), path, body, false)
+	out, status, err := s.generate(context.Background(), path, body, false)
 	if err == nil && status != 200 {
-		err = fmt.Errorf("%s: status %d: %s", path, status, text)
+		err = fmt.Errorf("%s: status %d: %s", path, status, out.text)
 	}
-	return text, err
+	return out.text, err
 }
 
 // slowBody sends headers and half a body, then stalls past the server's
@@ -696,24 +762,79 @@ func (s *server) slowBody() error {
 	return nil
 }
 
-// generate sends a completion and returns its text (all choices' deltas
-// joined) and status.
-func (s *server) generate(ctx context.Context, path string, body map[string]any, stream bool) (string, int, error) {
+// output is a response's text (all choices' deltas joined) and, when it
+// asked for logprobs, its tokens with their logprobs and alternatives.
+type output struct {
+	text   string
+	tokens []tokenLP
+}
+
+type tokenLP struct {
+	token string
+	top   map[string]float64 // the alternatives and the token itself
+}
+
+// choiceLogprobs is a choice's logprobs in either endpoint's shape.
+type choiceLogprobs struct {
+	// Completions.
+	Tokens        []string             `json:"tokens"`
+	TokenLogprobs []float64            `json:"token_logprobs"`
+	TopLogprobs   []map[string]float64 `json:"top_logprobs"`
+	// Chat.
+	Content []struct {
+		Token       string  `json:"token"`
+		Logprob     float64 `json:"logprob"`
+		TopLogprobs []struct {
+			Token   string  `json:"token"`
+			Logprob float64 `json:"logprob"`
+		} `json:"top_logprobs"`
+	} `json:"content"`
+}
+
+func (o *output) add(lp *choiceLogprobs) {
+	if lp == nil {
+		return
+	}
+	for i, t := range lp.Tokens {
+		e := tokenLP{token: t, top: map[string]float64{}}
+		if i < len(lp.TopLogprobs) {
+			for k, v := range lp.TopLogprobs[i] {
+				e.top[k] = v
+			}
+		}
+		if i < len(lp.TokenLogprobs) {
+			e.top[t] = lp.TokenLogprobs[i]
+		}
+		o.tokens = append(o.tokens, e)
+	}
+	for _, c := range lp.Content {
+		e := tokenLP{token: c.Token, top: map[string]float64{c.Token: c.Logprob}}
+		for _, a := range c.TopLogprobs {
+			e.top[a.Token] = a.Logprob
+		}
+		o.tokens = append(o.tokens, e)
+	}
+}
+
+// generate sends a completion and returns its output and status (the
+// error body as text when not 200).
+func (s *server) generate(ctx context.Context, path string, body map[string]any, stream bool) (output, int, error) {
+	var out output
 	req, _ := http.NewRequestWithContext(ctx, "POST", s.url+path, bytes.NewReader(mustJSON(body)))
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Authorization", "Bearer "+apiKey)
 	resp, err := s.client.Do(req)
 	if err != nil {
-		return "", 0, err
+		return out, 0, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != 200 || !stream {
 		raw, err := io.ReadAll(resp.Body)
 		if err != nil {
-			return "", resp.StatusCode, err
+			return out, resp.StatusCode, err
 		}
 		if resp.StatusCode != 200 {
-			return string(raw), resp.StatusCode, nil
+			return output{text: string(raw)}, resp.StatusCode, nil
 		}
 		var r struct {
 			Choices []struct {
@@ -721,12 +842,15 @@ func (s *server) generate(ctx context.Context, path string, body map[string]any,
 				Message struct {
 					Content string `json:"content"`
 				} `json:"message"`
+				Logprobs *choiceLogprobs `json:"logprobs"`
 			} `json:"choices"`
 		}
 		if err := json.Unmarshal(raw, &r); err != nil || len(r.Choices) != 1 {
-			return "", resp.StatusCode, fmt.Errorf("bad response %s", raw)
+			return out, resp.StatusCode, fmt.Errorf("bad response %s", raw)
 		}
-		return r.Choices[0].Text + r.Choices[0].Message.Content, 200, nil
+		out.text = r.Choices[0].Text + r.Choices[0].Message.Content
+		out.add(r.Choices[0].Logprobs)
+		return out, 200, nil
 	}
 	var text strings.Builder
 	sc := bufio.NewScanner(resp.Body)
@@ -746,28 +870,31 @@ func (s *server) generate(ctx context.Context, path string, body map[string]any,
 				Delta struct {
 					Content string `json:"content"`
 				} `json:"delta"`
+				Logprobs *choiceLogprobs `json:"logprobs"`
 			} `json:"choices"`
 			Error *struct {
 				Message string `json:"message"`
 			} `json:"error"`
 		}
 		if err := json.Unmarshal([]byte(line[6:]), &c); err != nil {
-			return "", 200, fmt.Errorf("bad chunk %s", line)
+			return out, 200, fmt.Errorf("bad chunk %s", line)
 		}
 		if c.Error != nil {
-			return "", 200, fmt.Errorf("error chunk: %s", c.Error.Message)
+			return out, 200, fmt.Errorf("error chunk: %s", c.Error.Message)
 		}
 		for _, ch := range c.Choices {
 			text.WriteString(ch.Text + ch.Delta.Content)
+			out.add(ch.Logprobs)
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return "", 200, err
+		return out, 200, err
 	}
 	if !done {
-		return "", 200, errors.New("stream ended without [DONE]")
+		return out, 200, errors.New("stream ended without [DONE]")
 	}
-	return text.String(), 200, nil
+	out.text = text.String()
+	return out, 200, nil
 }
 
 func main() {
@@ -777,7 +904,17 @@ func main() {
 	flag.DurationVar(&cfg.Duration, "duration", 2*time.Minute, "length of the chaos phase")
 	flag.IntVar(&cfg.Workers, "workers", 12, "concurrent inference clients")
 	flag.Uint64Var(&cfg.Seed, "seed", 1, "random seed")
+	serverLog := flag.String("server-log", "", "write the server's log to this file")
 	flag.Parse()
+	if *serverLog != "" {
+		f, err := os.Create(*serverLog)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "error:", err)
+			os.Exit(1)
+		}
+		defer f.Close()
+		cfg.ServerLog = f
+	}
 	cfg.Log = os.Stderr
 	r, err := Run(cfg)
 	if err != nil {

@@ -77,13 +77,7 @@ func makeBatch(exs []*Example, S int) *batch {
 func lossGraph(ctx ml.Context, m *llama.Model, p *projector, b *batch, weight float64) ml.Tensor {
 	tokens := ctx.Input().FromInts(b.tokens, len(b.tokens))
 	positions := ctx.Input().FromInts(b.positions, len(b.positions))
-	rows := ctx.Input().FromInts(b.rows, len(b.rows))
-	vocab := m.Params.VocabSize
-	onehot := make([]float32, vocab*len(b.labels))
-	for i, l := range b.labels {
-		onehot[i*vocab+int(l)] = 1
-	}
-	labels := ctx.Input().FromFloats(onehot, vocab, len(b.labels))
+	rows, labels := targets(ctx, m, b)
 	var proj llama.Projector
 	if p != nil {
 		proj = p
@@ -94,4 +88,14 @@ func lossGraph(ctx ml.Context, m *llama.Model, p *projector, b *batch, weight fl
 		loss = loss.Scale(ctx, weight)
 	}
 	return loss
+}
+
+// targets are the batch's target rows and their labels one-hot [vocab, n].
+func targets(ctx ml.Context, m *llama.Model, b *batch) (rows, labels ml.Tensor) {
+	vocab := m.Params.VocabSize
+	onehot := make([]float32, vocab*len(b.labels))
+	for i, l := range b.labels {
+		onehot[i*vocab+int(l)] = 1
+	}
+	return ctx.Input().FromInts(b.rows, len(b.rows)), ctx.Input().FromFloats(onehot, vocab, len(b.labels))
 }

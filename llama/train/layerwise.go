@@ -89,13 +89,7 @@ func (t *Trainer) computeLayerwise(b *batch, weight float64, ts []ml.Tensor, buf
 		defer ctx.Close()
 		x := ctx.Input().FromFloats(saved[L], d, T)
 		ggmlx.SetParam(x)
-		rows := ctx.Input().FromInts(b.rows, len(b.rows))
-		vocab := m.Params.VocabSize
-		onehot := make([]float32, vocab*len(b.labels))
-		for i, l := range b.labels {
-			onehot[i*vocab+int(l)] = 1
-		}
-		labels := ctx.Input().FromFloats(onehot, vocab, len(b.labels))
+		rows, labels := targets(ctx, m, b)
 		hidden := m.OutputNorm.Forward(ctx, x.Rows(ctx, rows), m.Params.Eps)
 		loss := ggmlx.CrossEntropyLoss(ctx, f32(ctx, m.Output.Weight).Mulmat(ctx, hidden), labels)
 		if weight != 1 {
