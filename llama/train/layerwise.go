@@ -95,17 +95,7 @@ func (t *Trainer) computeLayerwise(b *batch, weight float64, ts []ml.Tensor, buf
 		if weight != 1 {
 			loss = loss.Scale(ctx, weight)
 		}
-		g, err := ggmlx.NewGraph(ctx, loss, []ml.Tensor{x}, size)
-		if err != nil {
-			return 0, err
-		}
-		defer g.Free()
-		if err := g.Compute(); err != nil {
-			return 0, err
-		}
-		t.ComputeBytes = max(t.ComputeBytes, g.ComputeBytes)
-		g.Grad(0, grad)
-		return float64(g.Loss()), nil
+		return t.backward(ctx, loss, []ml.Tensor{x}, size, [][]float32{grad})
 	}()
 	if err != nil {
 		return 0, err
@@ -127,26 +117,17 @@ func (t *Trainer) computeLayerwise(b *batch, weight float64, ts []ml.Tensor, buf
 			out := m.Layer(ctx, i, x, positions, nil, newAttention(ctx, m, b.S, b.B), proj, dequantize)
 			incoming := ctx.Input().FromFloats(grad, d, T)
 			surrogate := out.Mul(ctx, incoming).Reshape(ctx, d*T).SumRows(ctx)
-			params := []ml.Tensor{x}
-			for _, j := range own {
-				params = append(params, ts[j])
-			}
-			g, err := ggmlx.NewGraph(ctx, surrogate, params, size)
-			if err != nil {
-				return err
-			}
-			defer g.Free()
-			if err := g.Compute(); err != nil {
-				return err
-			}
-			t.ComputeBytes = max(t.ComputeBytes, g.ComputeBytes)
-			for k, j := range own {
-				g.Grad(1+k, buf[j])
-			}
+			// The input's gradient is the next layer down's incoming one
+			// (not wanted below the first layer).
+			params, grads := []ml.Tensor{x}, [][]float32{nil}
 			if i > 0 {
-				g.Grad(0, grad)
+				grads[0] = grad
 			}
-			return nil
+			for _, j := range own {
+				params, grads = append(params, ts[j]), append(grads, buf[j])
+			}
+			_, err := t.backward(ctx, surrogate, params, size, grads)
+			return err
 		}()
 		if err != nil {
 			return 0, err

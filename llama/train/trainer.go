@@ -300,8 +300,14 @@ func (t *Trainer) compute(b *batch, weight float64, ts []ml.Tensor, buf [][]floa
 	ggmlx.EnsureGraphNodes(t.m.Backend(), size)
 	ctx := t.m.Backend().NewContextSize(size)
 	defer ctx.Close()
-	loss := lossGraph(ctx, t.m, newProjector(t.params), b, weight)
-	g, err := ggmlx.NewGraph(ctx, loss, ts, size)
+	return t.backward(ctx, lossGraph(ctx, t.m, newProjector(t.params), b, weight), ts, size, buf)
+}
+
+// backward computes out (a scalar) and its gradients for params, copying
+// the gradient of params[i] into grads[i] (nil: not wanted); it returns
+// out's value and records the graph's compute memory.
+func (t *Trainer) backward(ctx ml.Context, out ml.Tensor, params []ml.Tensor, size int, grads [][]float32) (float64, error) {
+	g, err := ggmlx.NewGraph(ctx, out, params, size)
 	if err != nil {
 		return 0, err
 	}
@@ -310,8 +316,10 @@ func (t *Trainer) compute(b *batch, weight float64, ts []ml.Tensor, buf [][]floa
 		return 0, err
 	}
 	t.ComputeBytes = max(t.ComputeBytes, g.ComputeBytes)
-	for i := range ts {
-		g.Grad(i, buf[i])
+	for i, dst := range grads {
+		if dst != nil {
+			g.Grad(i, dst)
+		}
 	}
 	return float64(g.Loss()), nil
 }
