@@ -245,3 +245,18 @@ func (h *candHeap) Pop() any {
 	*h = old[:len(old)-1]
 	return x
 }
+
+// LogSumExp is log Σ exp(logits) in float64, shifted by the largest logit
+// so that nothing overflows: a token's log probability is its logit minus
+// this.
+func LogSumExp(logits []float32) float64 {
+	maxL := float32(math.Inf(-1))
+	for _, l := range logits {
+		maxL = max(maxL, l)
+	}
+	sum := 0.0
+	for _, l := range logits {
+		sum += math.Exp(float64(l - maxL))
+	}
+	return float64(maxL) + math.Log(sum)
+}

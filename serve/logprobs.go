@@ -4,6 +4,8 @@ import (
 	"math"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/sbora-serve/sbora-serve/llama"
 )
 
 // tokenLogprob is one token's log probability under the model (the raw
@@ -23,15 +25,7 @@ type altLogprob struct {
 // logprobOf computes tok's entry from the logits of its position, with k
 // alternatives.
 func logprobOf(logits []float32, tok int32, k int) tokenLogprob {
-	maxL := float32(math.Inf(-1))
-	for _, l := range logits {
-		maxL = max(maxL, l)
-	}
-	sum := 0.0
-	for _, l := range logits {
-		sum += math.Exp(float64(l - maxL))
-	}
-	lse := float64(maxL) + math.Log(sum)
+	lse := llama.LogSumExp(logits)
 	e := tokenLogprob{token: tok, logprob: float64(logits[tok]) - lse}
 	if k > 0 {
 		for _, id := range topIDs(logits, k) {

@@ -493,7 +493,7 @@ func checkTraining(path string, threads int, dryRun bool, report reporter) error
 		}
 		for s := 1; s < len(ex.Tokens); s++ {
 			if ex.Loss[s] {
-				sum += crossEntropy(res[0][s-1], ex.Tokens[s])
+				sum += llama.LogSumExp(res[0][s-1]) - float64(res[0][s-1][ex.Tokens[s]])
 				n++
 			}
 		}
@@ -501,16 +501,4 @@ func checkTraining(path string, threads int, dryRun bool, report reporter) error
 	engineLoss := sum / float64(n)
 	report(math.Abs(engineLoss-evalLoss) <= 2e-2*math.Max(1, engineLoss), "saved adapter's eval loss %.4f (trainer) vs %.4f (engine), bound 2e-2", evalLoss, engineLoss)
 	return nil
-}
-
-func crossEntropy(logits []float32, target int32) float64 {
-	m := math.Inf(-1)
-	for _, l := range logits {
-		m = math.Max(m, float64(l))
-	}
-	s := 0.0
-	for _, l := range logits {
-		s += math.Exp(float64(l) - m)
-	}
-	return m + math.Log(s) - float64(logits[target])
 }
