@@ -4,6 +4,8 @@
 // the numbers.
 //
 //	bench/decode   single- and multi-stream decode tok/s vs llama.cpp
+//	bench/loadgen  concurrent HTTP streams over many adapters (bench/loadtest
+//	               drives them; sbora-serve check runs the same driver)
 //
 // Kernel-level benchmarks live next to the code: make bench.
 package bench

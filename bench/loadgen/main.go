@@ -9,9 +9,6 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -22,10 +19,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"time"
 
 	"github.com/sbora-serve/sbora-serve/adapters"
+	"github.com/sbora-serve/sbora-serve/bench/loadtest"
 	"github.com/sbora-serve/sbora-serve/internal/gguf"
 	"github.com/sbora-serve/sbora-serve/llama"
 	"github.com/sbora-serve/sbora-serve/llama/modelfile"
@@ -105,11 +101,13 @@ func main() {
 	fmt.Printf("model %s, %d streams × %d tokens, %s adapters rank %d\n", filepath.Base(*modelPath), *streams, *tokens, v, *rank)
 	// Warm up: every adapter resident, graphs and buffers sized.
 	for i := 0; i < maxAdapters; i++ {
-		if _, err := request(url, fmt.Sprintf("a%02d", i), 2); err != nil {
+		if err := loadtest.Request(url, fmt.Sprintf("a%02d", i), 2); err != nil {
 			fatal(err)
 		}
 	}
-	runScenario(url, nil, *streams, *tokens)
+	if _, err := loadtest.Run(url, "base", nil, *streams, *tokens); err != nil {
+		fatal(err)
+	}
 
 	var baseTPS float64
 	fmt.Printf("%-22s %12s %10s %10s %8s\n", "scenario", "decode tok/s", "TTFT p50", "TTFT p99", "vs base")
@@ -118,126 +116,22 @@ func main() {
 		for i := 0; i < n; i++ {
 			names = append(names, fmt.Sprintf("a%02d", i))
 		}
-		r := runScenario(url, names, *streams, *tokens)
+		r, err := loadtest.Run(url, "base", names, *streams, *tokens)
+		if err != nil {
+			fatal(err)
+		}
 		label := "base only"
 		if n > 0 {
 			label = fmt.Sprintf("%d distinct adapters", n)
 		}
 		ratio := "1.00 (base)"
 		if n == 0 {
-			baseTPS = r.tps
+			baseTPS = r.TPS
 		} else if baseTPS > 0 {
-			ratio = fmt.Sprintf("%.2fx", r.tps/baseTPS)
+			ratio = fmt.Sprintf("%.2fx", r.TPS/baseTPS)
 		}
-		fmt.Printf("%-22s %12.1f %9.0fms %9.0fms %8s\n", label, r.tps, r.p50*1000, r.p99*1000, ratio)
+		fmt.Printf("%-22s %12.1f %9dms %9dms %8s\n", label, r.TPS, r.TTFTp50.Milliseconds(), r.TTFTp99.Milliseconds(), ratio)
 	}
-}
-
-type result struct{ tps, p50, p99 float64 }
-
-// runScenario runs `streams` concurrent streaming requests, stream i using
-// adapter names[i % len(names)] (the base model when names is empty).
-func runScenario(url string, names []string, streams, tokens int) result {
-	var wg sync.WaitGroup
-	ttft := make([]float64, streams)
-	decodeTokens := make([]int, streams)
-	start := time.Now()
-	firstAll := make([]time.Time, streams)
-	for i := 0; i < streams; i++ {
-		model := "base"
-		if len(names) > 0 {
-			model = names[i%len(names)]
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			t0 := time.Now()
-			first, n, err := stream(url, model, tokens)
-			if err != nil {
-				fatal(err)
-			}
-			ttft[i] = first.Sub(t0).Seconds()
-			firstAll[i] = first
-			decodeTokens[i] = n - 1 // tokens after the first
-		}()
-	}
-	wg.Wait()
-	end := time.Now()
-	total := 0
-	for _, n := range decodeTokens {
-		total += n
-	}
-	// Decode throughput: tokens after each stream's first, over the time
-	// from the median first token to the end.
-	sorted := slices.Clone(firstAll)
-	slices.SortFunc(sorted, func(a, b time.Time) int { return a.Compare(b) })
-	window := end.Sub(sorted[len(sorted)/2]).Seconds()
-	_ = start
-	slices.Sort(ttft)
-	return result{tps: float64(total) / window, p50: ttft[len(ttft)/2], p99: ttft[min(len(ttft)-1, len(ttft)*99/100)]}
-}
-
-func body(model string, maxTokens int, stream bool) []byte {
-	m := map[string]any{"model": model, "prompt": "Once upon a time, in a small village by the sea, there lived",
-		"max_tokens": maxTokens, "temperature": 0, "stream": stream, "ignore_eos": true,
-	}
-	if stream {
-		m["stream_options"] = map[string]any{"include_usage": true}
-	}
-	b, _ := json.Marshal(m)
-	return b
-}
-
-func request(url, model string, maxTokens int) (string, error) {
-	resp, err := http.Post(url, "application/json", bytes.NewReader(body(model, maxTokens, false)))
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return "", fmt.Errorf("%s: status %d", model, resp.StatusCode)
-	}
-	return "", nil
-}
-
-// stream runs one streaming request and returns when its first token
-// arrived and how many tokens were generated (from the usage chunk).
-func stream(url, model string, maxTokens int) (time.Time, int, error) {
-	resp, err := http.Post(url, "application/json", bytes.NewReader(body(model, maxTokens, true)))
-	if err != nil {
-		return time.Time{}, 0, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return time.Time{}, 0, fmt.Errorf("%s: status %d", model, resp.StatusCode)
-	}
-	var first time.Time
-	n := 0
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, "data: {") {
-			continue
-		}
-		var chunk struct {
-			Choices []struct {
-				Text string `json:"text"`
-			} `json:"choices"`
-			Usage *struct {
-				Completion int `json:"completion_tokens"`
-			} `json:"usage"`
-		}
-		if json.Unmarshal([]byte(line[6:]), &chunk) != nil {
-			continue
-		}
-		if first.IsZero() && len(chunk.Choices) > 0 && chunk.Choices[0].Text != "" {
-			first = time.Now()
-		}
-		if chunk.Usage != nil {
-			n = chunk.Usage.Completion
-		}
-	}
-	return first, n, sc.Err()
 }
 
 // fatal reports err and exits. (log.Fatal would be swallowed: slog's

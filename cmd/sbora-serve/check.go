@@ -12,11 +12,10 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"sort"
-	"sync"
 	"time"
 
 	"github.com/sbora-serve/sbora-serve/adapters"
+	"github.com/sbora-serve/sbora-serve/bench/loadtest"
 	"github.com/sbora-serve/sbora-serve/kernels"
 	"github.com/sbora-serve/sbora-serve/llama"
 	"github.com/sbora-serve/sbora-serve/llama/train"
@@ -351,60 +350,22 @@ func serverThroughput(path string, threads, streams int) error {
 	url := "http://" + ln.Addr().String() + "/v1/completions"
 	var baseTPS float64
 	for _, distinct := range []int{0, 8, 64} {
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		tokens, errs := 0, 0
-		var lat []time.Duration
-		start := time.Now()
-		for i := 0; i < streams; i++ {
-			model := "base"
-			if distinct > 0 {
-				model = fmt.Sprint("a", i%distinct)
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				body, _ := json.Marshal(map[string]any{"model": model, "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": true, "temperature": 0})
-				t0 := time.Now()
-				resp, err := http.Post(url, "application/json", bytes.NewReader(body))
-				var r struct {
-					Usage struct {
-						Completion int `json:"completion_tokens"`
-					} `json:"usage"`
-				}
-				if err == nil {
-					json.NewDecoder(resp.Body).Decode(&r)
-					resp.Body.Close()
-				}
-				mu.Lock()
-				defer mu.Unlock()
-				if err != nil || resp.StatusCode != 200 {
-					errs++
-					return
-				}
-				tokens += r.Usage.Completion
-				lat = append(lat, time.Since(t0))
-			}()
+		var names []string
+		for i := 0; i < distinct; i++ {
+			names = append(names, fmt.Sprint("a", i))
 		}
-		wg.Wait()
-		tps := float64(tokens) / time.Since(start).Seconds()
-		sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-		p50 := time.Duration(0)
-		if len(lat) > 0 {
-			p50 = lat[len(lat)/2]
+		r, err := loadtest.Run(url, "base", names, streams, 32)
+		if err != nil {
+			return err
 		}
 		label := "base only"
 		if distinct > 0 {
 			label = fmt.Sprintf("%d distinct adapters", distinct)
+		} else {
+			baseTPS = r.TPS
 		}
-		if distinct == 0 {
-			baseTPS = tps
-		}
-		fmt.Printf("INFO  server, %d concurrent requests × 32 tokens, %s: %.0f tok/s (%.2f× base), request p50 %v, %d errors\n",
-			streams, label, tps, tps/math.Max(baseTPS, 1e-9), p50.Round(time.Millisecond), errs)
-		if errs > 0 {
-			return fmt.Errorf("%d requests failed", errs)
-		}
+		fmt.Printf("INFO  server, %d concurrent requests × 32 tokens, %s: %.0f tok/s decode (%.2f× base), TTFT p50 %v p99 %v\n",
+			streams, label, r.TPS, r.TPS/math.Max(baseTPS, 1e-9), r.TTFTp50.Round(time.Millisecond), r.TTFTp99.Round(time.Millisecond))
 	}
 	return nil
 }
