@@ -39,12 +39,21 @@ type attnGroup struct {
 }
 
 // attentionPlan is the host-side layout of a step's attention, shared by all
-// layers: where each token is written, the groups, and the gather that
-// restores batch order after them.
+// layers: where each token is written, and how layers read: in place
+// through block tables (layers whose pool the CPU reads: ggmlx's paged
+// attention), or through gathered groups (the others, on a GPU).
 type attentionPlan struct {
 	tokens   int
 	writeIdx []int32 // per token: its pool row
-	groups   []attnGroup
+	// Paged reads: table [maxBlocks, seqs] holds each sequence's blocks
+	// (padding: block 0, never read); where [2, tokens] each token's
+	// sequence and the last position it attends to. Nil without paged
+	// layers.
+	table           []int32
+	maxBlocks, seqs int
+	where           []int32
+	// Gathered reads; nil without gathered layers.
+	groups []attnGroup
 	// outRows maps batch row t to its row in the concatenated group
 	// outputs; nil when the groups' outputs are already in batch order.
 	outRows []int32
@@ -59,10 +68,9 @@ var (
 // joins a group whose longest member has at most 1.5× its blocks plus this.
 const decodeMergeSlack = 2
 
-// planAttention gives each multi-token sequence (a prefill chunk) its own
-// group and batches single-token sequences (decode) in groups of similar
-// length, so that padding to the longest member stays small.
-func planAttention(spans []seqSpan, blockSize int) *attentionPlan {
+// planAttention lays out a step's attention for paged layers, gathered
+// layers, or both.
+func planAttention(spans []seqSpan, blockSize int, paged, gathered bool) *attentionPlan {
 	p := &attentionPlan{}
 	for _, s := range spans {
 		p.tokens += s.n
@@ -73,6 +81,38 @@ func planAttention(spans []seqSpan, blockSize int) *attentionPlan {
 			p.writeIdx[s.first+j] = s.kv.rowOf(s.pos0 + j)
 		}
 	}
+	if paged {
+		p.planPaged(spans, blockSize)
+	}
+	if gathered {
+		p.planGroups(spans, blockSize)
+	}
+	return p
+}
+
+// planPaged writes the block tables: one column per sequence, as long as
+// the longest sequence's.
+func (p *attentionPlan) planPaged(spans []seqSpan, blockSize int) {
+	p.seqs = len(spans)
+	for _, s := range spans {
+		p.maxBlocks = max(p.maxBlocks, (s.pos0+s.n+blockSize-1)/blockSize)
+	}
+	p.table = make([]int32, p.maxBlocks*p.seqs)
+	p.where = make([]int32, 2*p.tokens)
+	for i, s := range spans {
+		nb := (s.pos0 + s.n + blockSize - 1) / blockSize
+		copy(p.table[i*p.maxBlocks:], s.kv.blocks[:nb])
+		for j := 0; j < s.n; j++ {
+			p.where[2*(s.first+j)] = int32(i)
+			p.where[2*(s.first+j)+1] = int32(s.pos0 + j)
+		}
+	}
+}
+
+// planGroups gives each multi-token sequence (a prefill chunk) its own
+// group and batches single-token sequences (decode) in groups of similar
+// length, so that padding to the longest member stays small.
+func (p *attentionPlan) planGroups(spans []seqSpan, blockSize int) {
 	blocksFor := func(n int) int { return (n + blockSize - 1) / blockSize }
 	var decode []seqSpan
 	for _, s := range spans {
@@ -106,7 +146,6 @@ func planAttention(spans []seqSpan, blockSize int) *attentionPlan {
 	if identity {
 		p.outRows = nil
 	}
-	return p
 }
 
 func newGroup(seqs []seqSpan, nb, blockSize int) attnGroup {
@@ -162,8 +201,10 @@ type pagedAttention struct {
 	pool     *KVPool
 	plan     *attentionPlan
 	writeIdx ml.Tensor
-	groups   []boundGroup
-	outRows  ml.Tensor
+	// table and where feed the paged layers.
+	table, where ml.Tensor
+	groups       []boundGroup
+	outRows      ml.Tensor
 }
 
 type boundGroup struct {
@@ -174,6 +215,10 @@ type boundGroup struct {
 func (p *KVPool) bind(ctx ml.Context, m *Model, plan *attentionPlan) *pagedAttention {
 	a := &pagedAttention{m: m, pool: p, plan: plan}
 	a.writeIdx = ctx.Input().FromInts(plan.writeIdx, len(plan.writeIdx))
+	if plan.table != nil {
+		a.table = ctx.Input().FromInts(plan.table, plan.maxBlocks, plan.seqs)
+		a.where = ctx.Input().FromInts(plan.where, 2, plan.tokens)
+	}
 	for _, g := range plan.groups {
 		bg := boundGroup{attnGroup: g,
 			maskT: ctx.Input().FromBytes(ml.DTypeF16, g.mask, g.nb*p.BlockSize, g.q, 1, g.nSeqs)}
@@ -194,6 +239,9 @@ func (p *KVPool) bind(ctx ml.Context, m *Model, plan *attentionPlan) *pagedAtten
 // signature writes what of the plan shapes the graph: the groups' sizes
 // and the offsets their views use.
 func (p *attentionPlan) signature(b *strings.Builder) {
+	if p.table != nil {
+		fmt.Fprintf(b, "p%d,%d;", p.maxBlocks, p.seqs)
+	}
 	for _, g := range p.groups {
 		fmt.Fprintf(b, "g%d,%d,%d,%d,%d;", g.nSeqs, g.q, g.nb, g.qFirst, g.block0)
 	}
@@ -204,6 +252,10 @@ func (p *attentionPlan) signature(b *strings.Builder) {
 func (a *pagedAttention) update(p *attentionPlan) {
 	a.plan = p
 	a.writeIdx.FromInts(p.writeIdx)
+	if a.table != nil {
+		a.table.FromInts(p.table)
+		a.where.FromInts(p.where)
+	}
 	for i, g := range p.groups {
 		bg := &a.groups[i]
 		if bg.blocksT != nil {
@@ -225,8 +277,13 @@ func (a *pagedAttention) Attend(ctx ml.Context, layer int, q, k, v ml.Tensor) ml
 	bs, nBlocks := p.BlockSize, p.Blocks()
 	// Store the new keys and values; reading through the stores' results
 	// orders every read after them.
-	keys := p.keys[layer].SetRows(ctx, k.Reshape(ctx, p.kvDim, T), a.writeIdx).Reshape(ctx, p.kvDim*bs, nBlocks)
-	values := p.values[layer].SetRows(ctx, v.Reshape(ctx, p.kvDim, T), a.writeIdx).Reshape(ctx, p.kvDim*bs, nBlocks)
+	keys := p.keys[layer].SetRows(ctx, k.Reshape(ctx, p.kvDim, T), a.writeIdx)
+	values := p.values[layer].SetRows(ctx, v.Reshape(ctx, p.kvDim, T), a.writeIdx)
+	if p.paged[layer] {
+		o := ggmlx.PagedAttention(ctx, q, keys, values, a.table, a.where, bs, float32(a.m.AttentionScale()))
+		return o.Reshape(ctx, cfg.QDim(), T)
+	}
+	keys, values = keys.Reshape(ctx, p.kvDim*bs, nBlocks), values.Reshape(ctx, p.kvDim*bs, nBlocks)
 	qFlat := q.Reshape(ctx, cfg.QDim(), T)
 	var out ml.Tensor
 	for _, g := range a.groups {

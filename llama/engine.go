@@ -28,6 +28,11 @@ type EngineOptions struct {
 	Bank kernels.Config
 	// HugePages backs the KV pool and the bank with transparent huge pages.
 	HugePages bool
+	// GatherAttention makes every layer gather its sequences' keys and
+	// values into contiguous copies for ggml's flash attention (what
+	// layers on a GPU do) instead of reading CPU pools in place: for
+	// comparisons.
+	GatherAttention bool
 }
 
 // Engine runs batched steps of a model: every sequence holds blocks of one
@@ -62,7 +67,7 @@ func NewEngine(m *Model, opts EngineOptions) (*Engine, error) {
 	if opts.CacheF32 {
 		dtype = ml.DTypeF32
 	}
-	pool, err := newKVPool(m, blocks, opts.BlockSize, dtype, !opts.NoPrefixCache)
+	pool, err := newKVPool(m, blocks, opts.BlockSize, dtype, !opts.NoPrefixCache, opts.GatherAttention)
 	if err != nil {
 		return nil, err
 	}
@@ -173,8 +178,9 @@ func (e *Engine) prepare(seqs []Seq) (*stepInputs, error) {
 	if err != nil {
 		return nil, err
 	}
+	paged, gathered := e.Pool.readModes()
 	in := &stepInputs{tokens: tokens, positions: positions, outputs: outputs, routing: routing,
-		plan: planAttention(spans, e.Pool.BlockSize)}
+		plan: planAttention(spans, e.Pool.BlockSize, paged, gathered)}
 	if len(in.outputs) == 0 {
 		// Nothing to return: still run the layers to fill the cache, keeping
 		// one row so the graph has an output.

@@ -16,9 +16,10 @@ import (
 // adapters (prefix caching), and stay cached after their sequences end
 // until their blocks are needed.
 //
-// Attention reads each sequence's own blocks (gathered into a contiguous
-// buffer for the step), so decode costs the sum of the sequences' lengths,
-// never the length of the whole pool.
+// Attention reads each sequence's own blocks — in place through block
+// tables on the CPU, gathered into a contiguous buffer for the step on a
+// GPU — so decode costs the sum of the sequences' lengths, never the
+// length of the whole pool.
 //
 // Not safe for concurrent use; the engine's goroutine owns it.
 type KVPool struct {
@@ -29,7 +30,10 @@ type KVPool struct {
 	ctx       ml.Context
 	// keys and values per layer: [kvDim, blocks·BlockSize].
 	keys, values []ml.Tensor
-	alloc        *blockAllocator
+	// paged marks the layers whose attention reads the pool in place
+	// (host memory: ggmlx.PagedAttention); the others gather.
+	paged []bool
+	alloc *blockAllocator
 }
 
 // DefaultBlockSize is the KV block size in tokens: small enough that a
@@ -40,7 +44,7 @@ const DefaultBlockSize = 32
 // ErrPoolFull means the KV pool has no block left for the request.
 var ErrPoolFull = errors.New("KV pool full")
 
-func newKVPool(m *Model, blocks, blockSize int, dtype ml.DType, prefixCache bool) (p *KVPool, err error) {
+func newKVPool(m *Model, blocks, blockSize int, dtype ml.DType, prefixCache, gatherAttention bool) (p *KVPool, err error) {
 	if blocks <= 0 || blockSize <= 0 {
 		return nil, fmt.Errorf("KV pool needs positive blocks and block size, got %d × %d", blocks, blockSize)
 	}
@@ -55,8 +59,19 @@ func newKVPool(m *Model, blocks, blockSize int, dtype ml.DType, prefixCache bool
 		lc := p.ctx.Layer(i)
 		p.keys = append(p.keys, lc.Zeros(dtype, p.kvDim, blocks*blockSize))
 		p.values = append(p.values, lc.Zeros(dtype, p.kvDim, blocks*blockSize))
+		p.paged = append(p.paged, !gatherAttention && ggmlx.PagedOK(p.keys[i], p.values[i]))
 	}
 	return p, nil
+}
+
+// readModes reports whether some layers read the pool in place and
+// whether some gather.
+func (p *KVPool) readModes() (paged, gathered bool) {
+	for _, in := range p.paged {
+		paged = paged || in
+		gathered = gathered || !in
+	}
+	return paged, gathered
 }
 
 func (p *KVPool) close() { p.ctx.Close() }

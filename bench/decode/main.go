@@ -7,6 +7,7 @@
 //
 //	go run ./bench/decode --synthetic 7b --layers 2     # 7B-shaped Q4_0
 //	go run ./bench/decode --model ../shared/models/stories260K.gguf --batches 1
+//	go run ./bench/decode --synthetic 7b --context 512 --batches 8 --prefill 0   # long contexts
 package main
 
 import (
@@ -43,7 +44,9 @@ func main() {
 	bankType := flag.String("bank-type", "f16", "adapter bank storage: f16, f32 or q8_0")
 	noRepack := flag.Bool("no-repack", false, "do not repack our CPU weights (llama.cpp keeps its default)")
 	prefill := flag.Int("prefill", 442, "prompt tokens of the prefill measurement (0: skip)")
+	context := flag.Int("context", 0, "prompt tokens of each decoding sequence (0: a one-line prompt); long contexts weigh attention")
 	threadsPerGraph := flag.Bool("threads-per-graph", false, "start worker threads for every graph (ggml's default) instead of a persistent pool")
+	gather := flag.Bool("gather-attention", false, "gather each sequence's keys and values for ggml's flash attention instead of reading the pool in place")
 	flag.Parse()
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 
@@ -79,9 +82,12 @@ func main() {
 	defer m.Close()
 	nRepacked, _ := m.Repacked()
 	prompt, _ := m.Tokenizer.Encode("Once upon a time, there was a", true)
+	if *context > 0 {
+		prompt = repeatTo(prompt, *context)
+	}
 	maxB := slices.Max(bs)
 	seqLen := len(prompt) + *tokens + 2
-	e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: 2 * (maxB + 1) * (seqLen + 64), MaxSeqLen: max(seqLen, *prefill+2), NoPrefixCache: true, HugePages: true,
+	e, err := llama.NewEngine(m, llama.EngineOptions{KVTokens: 2 * (maxB + 1) * (seqLen + 64), MaxSeqLen: max(seqLen, *prefill+2), NoPrefixCache: true, HugePages: true, GatherAttention: *gather,
 		Bank: kernels.Config{Slots: maxB, MaxRank: *rank, DType: bankDType}})
 	check(err)
 	defer e.Close()
@@ -108,10 +114,7 @@ func main() {
 		fmt.Printf("%6d %10.1f tok/s %10.1f tok/s %5.2fx %14.1f tok/s %5.2fx base\n", b, r.ref, r.base, r.baseRatio, r.adapted, r.adapterRatio)
 	}
 	if *prefill > 0 {
-		long := make([]int32, *prefill)
-		for i := range long {
-			long[i] = prompt[i%len(prompt)]
-		}
+		long := repeatTo(prompt, *prefill)
 		o, err := oracle.Open(*modelPath, nil, oracle.Options{Context: *prefill + 8, Threads: *threads, Repack: true, Defaults: true})
 		check(err)
 		var ref, ours []time.Duration
@@ -236,6 +239,15 @@ func alternate(o *oracle.Oracle, e *llama.Engine, prompt []int32, steps, b int, 
 	tps := func(d []time.Duration) float64 { return float64(b) / median(d).Seconds() }
 	return result{ref: tps(times[0]), base: tps(times[1]), adapted: tps(times[2]),
 		baseRatio: medianFloat(baseRatios), adapterRatio: medianFloat(adapterRatios)}
+}
+
+// repeatTo repeats tokens to n tokens.
+func repeatTo(tokens []int32, n int) []int32 {
+	out := make([]int32, n)
+	for i := range out {
+		out[i] = tokens[i%len(tokens)]
+	}
+	return out
 }
 
 func medianFloat(v []float64) float64 {

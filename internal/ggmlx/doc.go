@@ -1,6 +1,8 @@
 // Package ggmlx reaches the parts of ggml that ollama's ml interface does not
 // expose: raw tensor reads and writes at an offset, quantization, the
-// scheduler's graph capacity, and (for training) autodiff.
+// scheduler's graph capacity, weight repacking, threadpools, and (for
+// training) autodiff; and it adds CPU ops of sbora-serve's own: the fused
+// adapter ops and paged attention (attention read through KV block tables).
 //
 // It links against the ggml that github.com/ollama/ollama/ml/backend/ggml
 // compiles, so there is exactly one ggml in the binary. Access to the
