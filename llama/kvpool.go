@@ -59,7 +59,7 @@ func newKVPool(m *Model, blocks, blockSize int, dtype ml.DType, prefixCache, gat
 		lc := p.ctx.Layer(i)
 		p.keys = append(p.keys, lc.Zeros(dtype, p.kvDim, blocks*blockSize))
 		p.values = append(p.values, lc.Zeros(dtype, p.kvDim, blocks*blockSize))
-		p.paged = append(p.paged, !gatherAttention && ggmlx.PagedOK(p.keys[i], p.values[i]))
+		p.paged = append(p.paged, !gatherAttention && m.Params.HeadDim <= ggmlx.PagedHeadDimLimit && ggmlx.PagedOK(p.keys[i], p.values[i]))
 	}
 	return p, nil
 }

@@ -35,7 +35,9 @@ package ggmlx
 // token its sequence and the last position it may attend to. userdata
 // packs the block size (low 32 bits) and the F32 bits of the scale.
 
-enum { SBORA_PAGED_HEADS = 16, SBORA_PAGED_MAX_D = 512 };
+// Scratch lives on the stack (40 KiB at most): runs of up to 8 heads of up
+// to 512 dimensions.
+enum { SBORA_PAGED_HEADS = 8, SBORA_PAGED_MAX_D = 512 };
 
 static void sbora_paged_attn(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
 	const uint64_t ud = (uint64_t) (uintptr_t) userdata;
