@@ -95,13 +95,12 @@ func planAttention(spans []seqSpan, blockSize int, paged, gathered bool) *attent
 func (p *attentionPlan) planPaged(spans []seqSpan, blockSize int) {
 	p.seqs = len(spans)
 	for _, s := range spans {
-		p.maxBlocks = max(p.maxBlocks, (s.pos0+s.n+blockSize-1)/blockSize)
+		p.maxBlocks = max(p.maxBlocks, blocksFor(s.pos0+s.n, blockSize))
 	}
 	p.table = make([]int32, p.maxBlocks*p.seqs)
 	p.where = make([]int32, 2*p.tokens)
 	for i, s := range spans {
-		nb := (s.pos0 + s.n + blockSize - 1) / blockSize
-		copy(p.table[i*p.maxBlocks:], s.kv.blocks[:nb])
+		copy(p.table[i*p.maxBlocks:], s.kv.blocks[:blocksFor(s.pos0+s.n, blockSize)])
 		for j := 0; j < s.n; j++ {
 			p.where[2*(s.first+j)] = int32(i)
 			p.where[2*(s.first+j)+1] = int32(s.pos0 + j)
@@ -113,23 +112,22 @@ func (p *attentionPlan) planPaged(spans []seqSpan, blockSize int) {
 // group and batches single-token sequences (decode) in groups of similar
 // length, so that padding to the longest member stays small.
 func (p *attentionPlan) planGroups(spans []seqSpan, blockSize int) {
-	blocksFor := func(n int) int { return (n + blockSize - 1) / blockSize }
 	var decode []seqSpan
 	for _, s := range spans {
 		if s.n == 1 {
 			decode = append(decode, s)
 			continue
 		}
-		p.groups = append(p.groups, newGroup([]seqSpan{s}, blocksFor(s.pos0+s.n), blockSize))
+		p.groups = append(p.groups, newGroup([]seqSpan{s}, blocksFor(s.pos0+s.n, blockSize), blockSize))
 	}
 	slices.SortStableFunc(decode, func(a, b seqSpan) int { return a.pos0 - b.pos0 })
 	for i := 0; i < len(decode); {
-		lo := blocksFor(decode[i].pos0 + 1)
+		lo := blocksFor(decode[i].pos0+1, blockSize)
 		j := i + 1
-		for j < len(decode) && 2*blocksFor(decode[j].pos0+1) <= 3*lo+2*decodeMergeSlack {
+		for j < len(decode) && 2*blocksFor(decode[j].pos0+1, blockSize) <= 3*lo+2*decodeMergeSlack {
 			j++
 		}
-		p.groups = append(p.groups, newGroup(decode[i:j], blocksFor(decode[j-1].pos0+1), blockSize))
+		p.groups = append(p.groups, newGroup(decode[i:j], blocksFor(decode[j-1].pos0+1, blockSize), blockSize))
 		i = j
 	}
 	// Where does each batch row land in the concatenated outputs?

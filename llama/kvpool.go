@@ -105,7 +105,10 @@ func BytesPerToken(c Config, dtype ml.DType) int {
 }
 
 // BlocksFor is the number of blocks n tokens occupy.
-func (p *KVPool) BlocksFor(n int) int { return (n + p.BlockSize - 1) / p.BlockSize }
+func (p *KVPool) BlocksFor(n int) int { return blocksFor(n, p.BlockSize) }
+
+// blocksFor is the number of blocks of size tokens that n tokens occupy.
+func blocksFor(n, size int) int { return (n + size - 1) / size }
 
 // SeqKV is one sequence's share of the pool: its block table and the tokens
 // whose keys and values are cached.

@@ -103,30 +103,28 @@ static void sbora_paged_attn(struct ggml_tensor * dst, int ith, int nth, void * 
 					s = s * scale;
 					s += 0.0f; // the causal mask's allowed entries, as in ggml
 
-					const float Mold = M[i];
+					// A new maximum rescales the accumulator by ms (< 1) and
+					// adds v with weight 1; otherwise v adds with weight vs.
+					const int new_max = s > M[i];
 					float ms = 1.0f;
 					float vs = 1.0f;
+					if (new_max) {
+						ms = expf(M[i] - s);
+						M[i] = s;
+					} else {
+						vs = expf(s - M[i]);
+					}
 					const char * v_data = vrow + kvh * v_head;
 					if (vf16) {
-						ggml_fp16_t * acc = VKQ16 + i * D;
-						if (s > M[i]) {
-							M[i] = s;
-							ms = expf(Mold - M[i]);
-							ggml_vec_scale_f16(D, acc, ms);
-						} else {
-							vs = expf(s - M[i]);
+						if (new_max) {
+							ggml_vec_scale_f16(D, VKQ16 + i * D, ms);
 						}
-						ggml_vec_mad_f16(D, acc, (const ggml_fp16_t *) v_data, vs);
+						ggml_vec_mad_f16(D, VKQ16 + i * D, (const ggml_fp16_t *) v_data, vs);
 					} else {
-						float * acc = VKQ32 + i * D;
-						if (s > M[i]) {
-							M[i] = s;
-							ms = expf(Mold - M[i]);
-							ggml_vec_scale_f32(D, acc, ms);
-						} else {
-							vs = expf(s - M[i]);
+						if (new_max) {
+							ggml_vec_scale_f32(D, VKQ32 + i * D, ms);
 						}
-						ggml_vec_mad_f32(D, acc, (const float *) v_data, vs);
+						ggml_vec_mad_f32(D, VKQ32 + i * D, (const float *) v_data, vs);
 					}
 					S[i] = S[i] * ms + vs;
 				}
@@ -175,8 +173,8 @@ const PagedHeadDimLimit = C.SBORA_PAGED_MAX_D
 // offset; table I32 [maxBlocks, seqs], each sequence's blocks in order;
 // where I32 [2, N], per query token its sequence (a column of table) and
 // the last position it attends to. It returns [D, H, N] (ollama's flash
-// attention output layout). H must be a multiple
-// of KVH. The op runs on the CPU only (see PagedOK).
+// attention output layout). H must be a multiple of KVH. The op runs on
+// the CPU only (see PagedOK).
 func PagedAttention(ctx ml.Context, q, keys, values, table, where ml.Tensor, blockSize int, scale float32) ml.Tensor {
 	rq, rk := rawTensor(q), rawTensor(keys)
 	switch {
